@@ -1,0 +1,170 @@
+"""The data schema shared by the simulator, the importers, the feature store, server and clients.
+
+Two objects travel between the areas of fedrank:
+
+* :class:`Catalog` -- the products (text, attributes, dense fields, optional image and video frames).
+  Its on-disk form is the documented generic catalog format (JSONL or CSV, see ``simulations/catalog_io.py``).
+* :class:`SessionLog` -- search sessions: a query, the slate shown (catalog rows in display order),
+  clicks and purchases, plus evaluation-only ground truth (graded relevance, personal utility).
+  Stored as one ragged ``.npz`` (``offsets`` delimit each session's slate in the flat per-impression arrays).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
+IMAGE_DIM = 1280  # EfficientNet-Lite0 pooled features
+VIDEO_DIM = IMAGE_DIM  # frames through the image encoder + temporal mean pooling
+MODALITIES = ("text", "image", "video")
+CORE_FIELDS = (
+    "item_id", "title", "description", "category", "brand", "color",
+    "price", "rating", "image_path", "video_frames",
+)
+
+
+@dataclass
+class CatalogItem:
+    """One product. ``image_path``/``video_frames`` are absolute paths or None/empty (missing modality)."""
+
+    item_id: str
+    title: str
+    description: str = ""
+    category: str = ""
+    brand: str = ""
+    color: str = ""
+    price: float = float("nan")
+    rating: float = float("nan")
+    image_path: str | None = None
+    video_frames: list[str] = field(default_factory=list)
+    attributes: dict[str, str] = field(default_factory=dict)  # extra attribute columns (pattern, material, ...)
+
+    def text(self) -> str:
+        """The text the text encoder sees: title and description."""
+        return f"{self.title}. {self.description}".strip() if self.description else self.title
+
+    def attribute(self, name: str) -> str:
+        """Any attribute by name: core columns first, then extra columns; '' if absent."""
+        if name in ("category", "brand", "color"):
+            return str(getattr(self, name))
+        return self.attributes.get(name, "")
+
+
+@dataclass
+class Catalog:
+    items: list[CatalogItem]
+    source: str = ""  # file the catalog was read from (for error messages and provenance)
+
+    def __post_init__(self) -> None:
+        self._row = {it.item_id: i for i, it in enumerate(self.items)}
+        if len(self._row) != len(self.items):
+            raise ValueError(f"{self.source or 'catalog'}: duplicate item_id values")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self) -> Iterator[CatalogItem]:
+        return iter(self.items)
+
+    def row(self, item_id: str) -> int:
+        """Row index of an item id (KeyError names the id)."""
+        try:
+            return self._row[item_id]
+        except KeyError:
+            raise KeyError(f"unknown item_id {item_id!r} in {self.source or 'catalog'}") from None
+
+    def ids(self) -> list[str]:
+        return [it.item_id for it in self.items]
+
+
+@dataclass
+class SessionLog:
+    """Search sessions, ragged by slate.
+
+    Per session (length N): ``user``, ``query`` (index into ``queries``), ``randomized`` (slate shown in a
+    random order, used to estimate position propensities), ``timestamp``.
+    Per impression (length M = offsets[-1]), in display order within each session: ``items`` (catalog rows),
+    ``clicks``, ``purchases``, ``prod_rank`` (rank given by first-stage retrieval, 0 = first),
+    ``retrieval_score`` (first-stage score), and evaluation-only ``grades`` (0..3) and ``utility``
+    (personal utility in [-1, 1]). Training code must never read ``grades`` or ``utility``.
+    """
+
+    user: np.ndarray  # int32 [N]
+    query: np.ndarray  # int32 [N]
+    randomized: np.ndarray  # bool [N]
+    timestamp: np.ndarray  # int64 [N]
+    offsets: np.ndarray  # int64 [N+1]
+    items: np.ndarray  # int32 [M]
+    clicks: np.ndarray  # uint8 [M]
+    purchases: np.ndarray  # uint8 [M]
+    prod_rank: np.ndarray  # int16 [M]
+    retrieval_score: np.ndarray  # float32 [M]
+    grades: np.ndarray  # uint8 [M]  (evaluation only)
+    utility: np.ndarray  # float32 [M]  (evaluation only)
+    queries: list[str]
+
+    ARRAYS = (
+        "user", "query", "randomized", "timestamp", "offsets", "items", "clicks", "purchases",
+        "prod_rank", "retrieval_score", "grades", "utility",
+    )
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def slate(self, s: int) -> slice:
+        return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
+
+    def subset(self, sessions: np.ndarray) -> SessionLog:
+        """The log restricted to the given session indices (order kept); queries list is shared."""
+        sessions = np.asarray(sessions, dtype=np.int64)
+        lens = self.offsets[sessions + 1] - self.offsets[sessions]
+        flat = (
+            np.concatenate([np.arange(self.offsets[s], self.offsets[s + 1]) for s in sessions])
+            if len(sessions) else np.zeros(0, dtype=np.int64)
+        )
+        offsets = np.zeros(len(sessions) + 1, dtype=np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        per_session = {k: getattr(self, k)[sessions] for k in ("user", "query", "randomized", "timestamp")}
+        per_item = {
+            k: getattr(self, k)[flat]
+            for k in ("items", "clicks", "purchases", "prod_rank", "retrieval_score", "grades", "utility")
+        }
+        return SessionLog(offsets=offsets, queries=self.queries, **per_session, **per_item)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Atomic save to ``.npz`` (queries stored as a JSON string)."""
+        path = Path(path)
+        arrays = {k: getattr(self, k) for k in self.ARRAYS}
+        arrays["queries_json"] = np.array(json.dumps(self.queries))
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> SessionLog:
+        with np.load(path, allow_pickle=False) as z:
+            missing = [k for k in (*cls.ARRAYS, "queries_json") if k not in z.files]
+            if missing:
+                raise ValueError(f"{path}: not a fedrank session log (missing arrays {missing})")
+            kw = {k: z[k] for k in cls.ARRAYS}
+            queries = json.loads(str(z["queries_json"]))
+        return cls(queries=queries, **kw)
+
+
+def atomic_write(path: Path, write: object) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file is ever left."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)  # type: ignore[operator]
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
