@@ -1,0 +1,151 @@
+"""Configuration dataclasses.
+
+Every default lives once, in ``pyproject.toml`` under ``[tool.flwr.app.config]`` (flat, dotted, kebab-case keys
+such as ``model.fusion`` or ``train.lr``). :func:`parse_run_config` turns that flat dict (Flower's
+``context.run_config``, or a scenario file merged over the defaults) into frozen dataclasses once; code below the
+app modules only ever sees the dataclasses.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from shared_model.schema import IMAGE_DIM, TEXT_DIM, VIDEO_DIM
+
+FUSION_MODES = ("concat", "gated", "attention")
+ITEM_DENSE_DIM = 4  # see features.FeatureStore.dense_names
+SLATE_DENSE_DIM = 3  # prod-rank fraction, retrieval score z, log price / slate median price
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or a value has the wrong type or range."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the fused ranking head. Saved inside every checkpoint, so a file rebuilds its own model."""
+
+    fusion: str = "gated"
+    text_dim: int = TEXT_DIM
+    image_dim: int = IMAGE_DIM
+    video_dim: int = VIDEO_DIM
+    dense_dim: int = ITEM_DENSE_DIM + SLATE_DENSE_DIM
+    proj_dim: int = 64
+    hidden: int = 128
+    dropout: float = 0.1
+    use_image: bool = True
+    use_video: bool = True
+    use_user: bool = True
+    personal_layers: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSION_MODES:
+            raise ConfigError(f"model.fusion: {self.fusion!r} is not one of {FUSION_MODES}")
+        if self.proj_dim <= 0 or self.hidden <= 0:
+            raise ConfigError("model.proj-dim and model.hidden must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout: {self.dropout} not in [0, 1)")
+        if self.video_dim != self.image_dim:
+            raise ConfigError("model: video_dim must equal image_dim (video frames go through the image encoder)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How the head is trained, centrally or on a device."""
+
+    loss: str = "softmax"
+    ips: bool = True
+    ips_clip: float = 20.0
+    local_epochs: int = 1
+    batch_size: int = 32
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    finetune_steps: int = 0
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.local_epochs < 0 or self.lr <= 0:
+            raise ConfigError("train.batch-size and train.lr must be positive, train.local-epochs >= 0")
+
+
+def _coerce(section: str, key: str, value: Any, target: Any) -> Any:
+    kind = type(target)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{section}.{key}: expected true/false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{section}.{key}: expected an integer, got {value!r}")
+        return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{section}.{key}: expected a number, got {value!r}")
+        return float(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{section}.{key}: expected a string, got {value!r}")
+    return value
+
+
+def section_to_dataclass(cls: type, section: str, flat: Mapping[str, Any], strict: bool = True) -> Any:
+    """Build dataclass ``cls`` from the ``section.*`` keys of a flat run config (kebab-case keys)."""
+    default = cls()
+    known = {f.name.replace("_", "-"): f.name for f in fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for full_key, value in flat.items():
+        head, _, key = full_key.partition(".")
+        if head != section:
+            continue
+        if key not in known:
+            if strict:
+                raise ConfigError(f"unknown config key {full_key!r}; valid: {sorted(section + '.' + k for k in known)}")
+            continue
+        name = known[key]
+        kwargs[name] = _coerce(section, key, value, getattr(default, name))
+    return cls(**kwargs)
+
+
+def load_defaults(pyproject: Path | None = None) -> dict[str, Any]:
+    """The run-config defaults declared in ``pyproject.toml`` (``[tool.flwr.app.config]``)."""
+    path = pyproject or REPO_ROOT / "pyproject.toml"
+    with open(path, "rb") as f:
+        data = tomllib.load(f)
+    return dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten nested TOML tables into dotted keys, as Flower does for run configs."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def merge_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any], source: str = "overrides") -> dict[str, Any]:
+    """Overlay ``overrides`` on ``defaults``; unknown keys and type changes are errors naming ``source``."""
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown config key {key!r}")
+        dv = defaults[key]
+        ok = (
+            (isinstance(dv, bool) and isinstance(value, bool))
+            or (isinstance(dv, int) and not isinstance(dv, bool) and isinstance(value, int) and not isinstance(value, bool))
+            or (isinstance(dv, float) and isinstance(value, int | float) and not isinstance(value, bool))
+            or (isinstance(dv, str) and isinstance(value, str))
+        )
+        if not ok:
+            raise ConfigError(f"{source}: {key} expects {type(dv).__name__}, got {value!r}")
+        merged[key] = float(value) if isinstance(dv, float) else value
+    return merged
