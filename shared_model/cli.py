@@ -1,1 +1,199 @@
-def main() -> None: ...
+"""``fedrank``: the command-line front door. It parses arguments, calls into the areas, prints for people."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+
+METRIC_COLUMNS = ("ndcg@10", "mrr", "recall@10")
+
+
+def print_table(title: str, rows: dict[str, dict[str, float]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("ranker")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *(f"{metrics.get(c, float('nan')):.4f}" for c in columns))
+    Console().print(table)
+
+
+def _model_and_train_cfg(args: argparse.Namespace) -> tuple[Any, Any]:
+    from dataclasses import replace
+
+    from shared_model.config import ModelConfig, TrainConfig, load_defaults, section_to_dataclass
+
+    flat = load_defaults()
+    mcfg = section_to_dataclass(ModelConfig, "model", flat)
+    tcfg = section_to_dataclass(TrainConfig, "train", flat)
+    if getattr(args, "fusion", None):
+        mcfg = replace(mcfg, fusion=args.fusion)
+    if getattr(args, "text_only", False):
+        mcfg = replace(mcfg, use_image=False, use_video=False)
+    if getattr(args, "naive", False):
+        tcfg = replace(tcfg, ips=False)
+    if getattr(args, "loss", None):
+        tcfg = replace(tcfg, loss=args.loss)
+    return mcfg, tcfg
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    if args.catalog:
+        from simulations.marketplace import simulate_catalog_dir
+
+        out = simulate_catalog_dir(args.catalog, args.out, preset=args.preset, seed=args.seed,
+                                   skip_bad=args.skip_bad)
+    else:
+        from simulations.marketplace import generate_marketplace
+
+        out = generate_marketplace(args.out, preset=args.preset, seed=args.seed)
+    meta = json.loads((Path(out) / "meta.json").read_text())
+    print(f"marketplace in {out}: {json.dumps(meta.get('counts', {}))}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from shared_model.checkpoint import save_checkpoint
+    from shared_model.training import evaluate_model
+    from simulations.centralized import train_central
+    from simulations.prepare import prepare
+
+    prep = prepare(args.data)
+    mcfg, tcfg = _model_and_train_cfg(args)
+    model, info = train_central(prep, mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+    metrics = evaluate_model(model, prep.slates("test"), prep.table())
+    out = Path(args.out)
+    save_checkpoint(out / "head.pt", model, run_config={"data.dir": str(args.data), "train": vars(tcfg)},
+                    metrics_history=[*info["history"], {"test": metrics}], seeds={"seed": args.seed})
+    print_table(f"held-out sessions ({args.data})", {"trained head": metrics})
+    print(f"checkpoint: {out / 'head.pt'} ({info['params']} parameters, {info['seconds']:.1f} s)")
+    return 0
+
+
+def cmd_baselines(args: argparse.Namespace) -> int:
+    from simulations.centralized import run_baselines
+    from simulations.prepare import prepare
+
+    prep = prepare(args.data)
+    mcfg, tcfg = _model_and_train_cfg(args)
+    res = run_baselines(prep, Path(args.out), mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+    print_table(f"held-out sessions, {res['num_test_sessions']} slates ({args.data})", res["rankers"])
+    print(f"results: {Path(args.out) / 'results.json'}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from simulations.centralized import evaluate_all, load_heads
+
+    heads = load_heads(args.checkpoint or [])
+    if args.catalog or args.judgments:
+        if not (args.catalog and args.judgments and args.out):
+            print("fedrank evaluate: --catalog, --judgments and --out go together", file=sys.stderr)
+            return 2
+        from simulations.evaluate import evaluate_judgments
+
+        res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad)
+        print_table(f"{res['num_queries']} judged queries ({args.judgments})", res["rankers"])
+        print(f"results: {Path(args.out) / 'results.json'}")
+        return 0
+    from shared_model.schema import atomic_write
+    from simulations.prepare import prepare
+
+    prep = prepare(args.data)
+    results = evaluate_all(prep, heads)
+    print_table(f"held-out sessions ({args.data})", results)
+    if args.out:
+        atomic_write(Path(args.out) / "results.json",
+                     lambda f: f.write(json.dumps({"rankers": results}, indent=2).encode()))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    data = Path(args.data)
+    gen = argparse.Namespace(catalog=None, out=str(data), preset=args.preset, seed=args.seed, skip_bad=False)
+    cmd_generate(gen)
+    base = argparse.Namespace(data=str(data), out=args.out, epochs=args.epochs, seed=args.seed)
+    return cmd_baselines(base)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedrank", description="Federated, on-device, multimodal product reranking.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.set_defaults(func=fn)
+        return sp
+
+    g = add("generate", cmd_generate, "generate a simulated marketplace (or simulate shoppers over a real catalog)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--preset", default="default", help="tiny | small | default | large")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--catalog", help="simulate users, queries and clicks over this catalog (CSV/JSONL)")
+    g.add_argument("--skip-bad", action="store_true", help="skip and count malformed catalog rows")
+
+    def head_opts(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data", default="data/default", help="data folder (fedrank generate --out)")
+        sp.add_argument("--out", required=True)
+        sp.add_argument("--epochs", type=int, default=6)
+        sp.add_argument("--seed", type=int, default=0)
+        sp.add_argument("--fusion", choices=["concat", "gated", "attention"])
+        sp.add_argument("--loss", help="softmax | listnet | approx_ndcg | lambdaloss | ranknet")
+
+    t = add("train", cmd_train, "train the head centrally on the pooled click logs (the upper bound)")
+    head_opts(t)
+    t.add_argument("--text-only", action="store_true", help="text modality only")
+    t.add_argument("--naive", action="store_true", help="naive click training (no IPS)")
+    b = add("baselines", cmd_baselines, "train every head variant and compare all rankers on held-out sessions")
+    head_opts(b)
+
+    e = add("evaluate", cmd_evaluate, "score rankers on held-out sessions or on a catalog + judgments file")
+    e.add_argument("--data", default="data/default")
+    e.add_argument("--checkpoint", action="append", help="a trained head (repeatable)")
+    e.add_argument("--catalog")
+    e.add_argument("--judgments")
+    e.add_argument("--out")
+    e.add_argument("--skip-bad", action="store_true")
+
+    d = add("demo", cmd_demo, "the main job on the embedded default data")
+    d.add_argument("--data", default="data/default")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--preset", default="default")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=int, default=6)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        print(f"fedrank {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

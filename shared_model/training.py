@@ -1,0 +1,108 @@
+"""Training and scoring loops for the head; used centrally (pooled logs) and on each device (its own logs)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from shared_model.config import TrainConfig
+from shared_model.data import ItemTable, Slates, head_inputs, iterate_batches
+from shared_model.losses import get_loss, ips_weights
+from shared_model.metrics import MRR, NDCG10, RECALL10, mrr, ndcg_at_k, recall_at_k
+
+log = logging.getLogger(__name__)
+
+
+def click_targets(batch: Slates, cfg: TrainConfig, propensities: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Labels (clicks) and optional IPS weights for one batch."""
+    labels = batch.clicks
+    weights = None
+    if cfg.ips:
+        if propensities is None:
+            raise ValueError("train.ips is on but no position propensities were given")
+        weights = ips_weights(batch.positions, propensities, clip=cfg.ips_clip)
+    return labels, weights
+
+
+def train_epochs(
+    model: nn.Module,
+    slates: Slates,
+    table: ItemTable,
+    cfg: TrainConfig,
+    propensities: Tensor | None,
+    epochs: int | None = None,
+    seed: int = 0,
+    proximal_mu: float = 0.0,
+    global_params: list[Tensor] | None = None,
+    max_steps: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+) -> dict[str, float]:
+    """Train ``model`` in place on click logs; returns ``{"train_loss", "num_steps"}``.
+
+    ``proximal_mu > 0`` adds FedProx's proximal term ``mu/2 * ||w - w_global||^2``.
+    """
+    loss_fn = get_loss(cfg.loss)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model.train()
+    total, steps = 0.0, 0
+    n_epochs = cfg.local_epochs if epochs is None else epochs
+    for epoch in range(n_epochs):
+        for batch in iterate_batches(slates, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
+            if batch.clicks.sum() == 0:
+                continue
+            labels, weights = click_targets(batch, cfg, propensities)
+            scores = model(**head_inputs(batch, table))  # [B, S]
+            loss = loss_fn(scores, labels, batch.valid, weights)
+            if proximal_mu > 0 and global_params is not None:
+                prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 5.0)
+            opt.step()
+            total += float(loss.detach())
+            steps += 1
+            if on_step is not None:
+                on_step(steps, float(loss.detach()))
+            if max_steps is not None and steps >= max_steps:
+                break
+        if max_steps is not None and steps >= max_steps:
+            break
+    return {"train_loss": total / max(steps, 1), "num_steps": float(steps)}
+
+
+@torch.inference_mode()
+def score_slates(model: nn.Module, slates: Slates, table: ItemTable, batch_size: int = 256) -> np.ndarray:
+    """Scores [N, S] for every slate (padding gets -inf)."""
+    model.eval()
+    out = []
+    for batch in iterate_batches(slates, batch_size, shuffle=False):
+        s = model(**head_inputs(batch, table))
+        out.append(torch.where(batch.valid, s, torch.full_like(s, -np.inf)).numpy())
+    return np.concatenate(out) if out else np.zeros((0, slates.items.shape[1]), np.float32)
+
+
+def ranking_metrics(scores: np.ndarray, slates: Slates) -> dict[str, float]:
+    """NDCG@10, MRR and Recall@10 against the true graded relevance (evaluation only)."""
+    per = per_list_metrics(scores, slates)
+    return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per.items()}
+
+
+def per_list_metrics(scores: np.ndarray, slates: Slates) -> dict[str, np.ndarray]:
+    grades = slates.grades.numpy()
+    mask = slates.valid.numpy()
+    scores = np.where(mask, scores, -1e9)
+    return {
+        NDCG10: ndcg_at_k(scores, grades, mask, k=10),
+        MRR: mrr(scores, grades, mask),
+        RECALL10: recall_at_k(scores, grades, mask, k=10),
+    }
+
+
+def evaluate_model(model: nn.Module, slates: Slates, table: ItemTable) -> dict[str, float]:
+    return ranking_metrics(score_slates(model, slates, table), slates)
