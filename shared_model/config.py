@@ -149,3 +149,94 @@ def merge_overrides(defaults: Mapping[str, Any], overrides: Mapping[str, Any], s
             raise ConfigError(f"{source}: {key} expects {type(dv).__name__}, got {value!r}")
         merged[key] = float(value) if isinstance(dv, float) else value
     return merged
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dir: str = "data/default"
+    seed: int = 0
+    preset: str = "default"
+
+
+@dataclass(frozen=True)
+class StrategyConfig:
+    name: str = "fedavg"
+    fraction_train: float = 1.0
+    fraction_evaluate: float = 0.0
+    min_train_clients: int = 2
+    min_available_clients: int = 2
+    proximal_mu: float = 0.01
+    server_lr: float = 0.01
+    trim_beta: float = 0.2
+    num_malicious: int = 0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    num_rounds: int = 3
+    out_dir: str = "runs/flwr"
+    eval_every: int = 1
+    round_timeout: float = 600.0
+    resume: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class PartitionConfig:
+    scheme: str = "natural"
+    num_clients: int = 20
+    alpha: float = 0.5
+    seed: int = 0
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+    "strategy": StrategyConfig, "server": ServerConfig, "partition": PartitionConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """The whole run configuration, parsed once from Flower's flat ``run_config``."""
+
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    server: ServerConfig
+    partition: PartitionConfig
+
+    def to_flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            for k, v in asdict(getattr(self, name)).items():
+                out[f"{name}.{k.replace('_', '-')}"] = v
+        return out
+
+
+def parse_run_config(flat: Mapping[str, Any]) -> RunSettings:
+    """Parse a flat run config (dotted kebab-case keys); unknown keys and wrong types raise ConfigError.
+
+    Keys absent from ``flat`` take the dataclass defaults (which mirror pyproject's run config).
+    """
+    unknown = [k for k in flat if k.partition(".")[0] not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown config keys {sorted(unknown)}; sections are {sorted(SECTIONS)}")
+    parsed = {name: section_to_dataclass(cls, name, flat) for name, cls in SECTIONS.items()}
+    return RunSettings(**parsed)
+
+
+def load_scenario(name_or_path: str, scenarios_dir: Path | None = None) -> dict[str, Any]:
+    """A scenario's overrides (flattened) from ``simulations/scenarios/NAME.toml`` or a path."""
+    p = Path(name_or_path)
+    if not p.suffix:
+        p = (scenarios_dir or REPO_ROOT / "simulations" / "scenarios") / f"{name_or_path}.toml"
+    if not p.is_file():
+        avail = sorted(x.stem for x in (scenarios_dir or REPO_ROOT / "simulations" / "scenarios").glob("*.toml"))
+        raise ConfigError(f"scenario {name_or_path!r} not found ({p}); available: {avail}")
+    with open(p, "rb") as f:
+        try:
+            data = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{p}: invalid TOML: {e}") from e
+    return flatten(data)

@@ -87,6 +87,7 @@ def build_slates(
     log: SessionLog,
     query_emb: np.ndarray,
     item_price: np.ndarray,
+    sessions: np.ndarray | None = None,
     row_map: np.ndarray | None = None,
     max_slate: int | None = None,
     history_len: int = HISTORY_LEN,
@@ -98,13 +99,18 @@ def build_slates(
     log : the sessions (``log.items`` are catalog rows)
     query_emb : [Q, Dt] embeddings of ``log.queries``
     item_price : [num_catalog_rows] raw prices (NaN allowed), for the slate-relative price feature
+    sessions : which sessions to turn into slates (default all); user histories always come from the whole log,
+        so a held-out session still sees the clicks of the same shopper's earlier (training) sessions
     row_map : optional [num_catalog_rows] map from catalog row to ItemTable row (a device's local subset)
     """
+    hist_all = user_histories(log, history_len)
+    sel = np.arange(len(log)) if sessions is None else np.asarray(sessions, np.int64)
+    hist = [hist_all[s] for s in sel]
+    log = log.subset(sel)
     n = len(log)
     lens = np.diff(log.offsets)
     S = int(max_slate or (lens.max() if n else 1))
     H = history_len
-    hist = user_histories(log, history_len)
     items = np.zeros((n, S), np.int64)
     valid = np.zeros((n, S), bool)
     sdense = np.zeros((n, S, 3), np.float32)
@@ -151,7 +157,7 @@ def build_slates(
         positions=torch.from_numpy(positions),
         grades=torch.from_numpy(grades),
         utility=torch.from_numpy(util),
-        session_ids=np.arange(n),
+        session_ids=sel.copy(),
         users=log.user.astype(np.int64).copy(),
     )
 

@@ -68,8 +68,7 @@ def evaluate_all(
     """Held-out sessions scored by every ranker against the true graded relevance."""
     test = test if test is not None else prep.slates("test")
     items = test.items.numpy()
-    sub = prep.log.subset(prep.test_idx)
-    queries = [sub.queries[q] for q in sub.query]
+    queries = [prep.log.queries[prep.log.query[s]] for s in test.session_ids]
     results: dict[str, dict[str, float]] = {}
     results["production order"] = ranking_metrics(-test.slate_dense[..., 0].numpy(), test)
     bm25 = BM25Ranker([it.text() for it in prep.catalog.items])

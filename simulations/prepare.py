@@ -48,7 +48,7 @@ class Prepared:
 
     def slates(self, which: str) -> Slates:
         idx = {"train": self.train_idx, "test": self.test_idx}[which]
-        return build_slates(self.log.subset(idx), self.query_emb, self.prices)
+        return build_slates(self.log, self.query_emb, self.prices, sessions=idx)
 
     def propensity_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.propensities.astype(np.float32))
