@@ -1,0 +1,79 @@
+"""The Flower ClientApp: one device. Thin handlers that translate Flower records to plain functions in
+``client.local``; the device's logs never leave it, only head arrays and scalar metrics do."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.local import load_device_data, local_evaluate, local_train, personal_state, personalize
+from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
+from shared_model.head import build_head
+from shared_model.records import (
+    ARRAYS, CONFIG, METRICS, MRR_GLOBAL, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES, NUM_STEPS,
+    PERSONAL_STATE, PROPENSITY_ETA, PROXIMAL_MU, RECALL_GLOBAL, SERVER_ROUND, TRAIN_LOSS,
+)
+
+
+def settings_from(context: Context, overrides: Mapping[str, Any]) -> RunSettings:
+    """Run config = pyproject defaults < Flower's run config < programmatic overrides (fedrank simulate)."""
+    flat = merge_overrides(load_defaults(), dict(context.run_config), "run config")
+    return parse_run_config(merge_overrides(flat, overrides, "overrides"))
+
+
+def _personal(context: Context) -> dict[str, torch.Tensor] | None:
+    if PERSONAL_STATE not in context.state.array_records:
+        return None
+    return context.state.array_records[PERSONAL_STATE].to_torch_state_dict()
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    overrides = dict(overrides or {})
+    app = ClientApp()
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        s = settings_from(context, overrides)
+        cfg: ConfigRecord = msg.content[CONFIG]
+        rnd = int(cfg.get(SERVER_ROUND, 0))
+        pid = int(context.node_config.get("partition-id", 0))
+        torch.manual_seed(s.server.seed * 7919 + rnd * 104_729 + pid)
+        data = load_device_data(s, dict(context.node_config))
+        model = build_head(s.model)
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        if s.model.personal_layers and (mine := _personal(context)):
+            model.load_state_dict(mine, strict=False)
+        stats = local_train(model, data, s.train, eta=float(cfg[PROPENSITY_ETA]),
+                            proximal_mu=float(cfg.get(PROXIMAL_MU, 0.0)), seed=rnd * 1000 + pid)
+        if s.model.personal_layers:
+            context.state[PERSONAL_STATE] = ArrayRecord(personal_state(model))
+        metrics = {NUM_EXAMPLES: len(data.train), TRAIN_LOSS: stats["train_loss"], NUM_STEPS: stats["num_steps"]}
+        content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics)})
+        return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def evaluate(msg: Message, context: Context) -> Message:
+        s = settings_from(context, overrides)
+        cfg: ConfigRecord = msg.content[CONFIG]
+        data = load_device_data(s, dict(context.node_config))
+        model = build_head(s.model)
+        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        glob = local_evaluate(model, data)
+        mine = personalize(model, data, s.train, float(cfg.get(PROPENSITY_ETA, 1.0)), _personal(context))
+        pers = local_evaluate(mine, data)
+        metrics = {
+            NUM_EXAMPLES: int(glob.get("num_lists", 0)),  # held-out slates with a relevant item: the weight
+            NDCG_GLOBAL: glob.get("ndcg@10", 0.0), MRR_GLOBAL: glob.get("mrr", 0.0),
+            RECALL_GLOBAL: glob.get("recall@10", 0.0), NDCG_PERSONAL: pers.get("ndcg@10", 0.0),
+        }
+        metrics = {k: (0.0 if v != v else v) for k, v in metrics.items()}  # NaN only when the weight is 0
+        return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+    return app
+
+
+app = make_client_app()

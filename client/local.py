@@ -1,0 +1,86 @@
+"""What a device does, as plain functions: load its shard, train the head on its clicks, evaluate locally."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared_model.config import RunSettings, TrainConfig
+from shared_model.head import PERSONAL_PREFIX, FusedRankingHead
+from shared_model.propensity import power_law_propensities
+from shared_model.training import evaluate_model, train_epochs
+from simulations.partition import ClientData, load_shard
+
+MAX_POSITIONS = 50
+
+
+def shard_dir(settings: RunSettings) -> Path:
+    """Where the simulation keeps one shard per client for this partitioning."""
+    p = settings.partition
+    return Path(settings.data.dir) / "clients" / f"{p.scheme}-{p.num_clients}-a{p.alpha:g}-s{p.seed}"
+
+
+def shard_path(settings: RunSettings, node_config: dict[str, object]) -> Path:
+    """A deployed SuperNode names its shard (``data-shard``); a simulated one maps its partition id."""
+    if "data-shard" in node_config:
+        return Path(str(node_config["data-shard"]))
+    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+    n = int(node_config.get("num-partitions", settings.partition.num_clients))  # type: ignore[call-overload]
+    if n != settings.partition.num_clients:
+        raise ValueError(f"{n} simulated nodes but partition.num-clients={settings.partition.num_clients}: "
+                         "run with as many nodes as clients")
+    return shard_dir(settings) / f"{pid}.npz"
+
+
+def load_device_data(settings: RunSettings, node_config: dict[str, object]) -> ClientData:
+    return load_shard(shard_path(settings, node_config))
+
+
+def propensities_from_eta(eta: float) -> torch.Tensor:
+    return torch.from_numpy(power_law_propensities(eta, MAX_POSITIONS).astype(np.float32))
+
+
+def local_train(
+    model: FusedRankingHead,
+    data: ClientData,
+    cfg: TrainConfig,
+    eta: float,
+    proximal_mu: float = 0.0,
+    seed: int = 0,
+    epochs: int | None = None,
+) -> dict[str, float]:
+    """Train the head in place on this device's training sessions (FedProx term when ``proximal_mu > 0``)."""
+    global_params = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
+    stats = train_epochs(model, data.train, data.table, cfg, propensities_from_eta(eta), epochs=epochs,
+                         seed=seed, proximal_mu=proximal_mu, global_params=global_params)
+    return stats
+
+
+def personalize(
+    model: FusedRankingHead, data: ClientData, cfg: TrainConfig, eta: float, personal: dict[str, torch.Tensor] | None,
+    seed: int = 0,
+) -> FusedRankingHead:
+    """The device's own version of the global head: its personal layers, then ``finetune_steps`` local steps."""
+    local = copy.deepcopy(model)
+    if personal:
+        local.load_state_dict(personal, strict=False)
+    if cfg.finetune_steps > 0 and len(data.train):
+        train_epochs(local, data.train, data.table, cfg, propensities_from_eta(eta), epochs=10_000,
+                     seed=seed, max_steps=cfg.finetune_steps)
+    return local
+
+
+def personal_state(model: FusedRankingHead) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if k.startswith(PERSONAL_PREFIX)}
+
+
+def local_evaluate(model: FusedRankingHead, data: ClientData) -> dict[str, float]:
+    """Metrics on the device's held-out sessions, plus ``num_lists``: slates with at least one relevant item."""
+    if len(data.test) == 0:
+        return {"num_lists": 0.0}
+    metrics = evaluate_model(model, data.test, data.table)
+    metrics["num_lists"] = float((data.test.grades > 0).any(dim=1).sum())
+    return metrics

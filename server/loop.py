@@ -1,0 +1,163 @@
+"""The federated round loop: Flower strategy methods driven round by round, with screening, central
+evaluation, an atomic checkpoint after every round, and resume from the last one.
+
+Flower's ``Strategy.start`` runs the same configure -> send -> aggregate cycle; this loop adds what an operator
+needs between those steps (update validation, failure counting, per-round checkpoints with the server optimizer
+state, deterministic client sampling per round) while the strategy objects stay Flower's own.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server.strategies import restore_strategy_state, strategy_state
+from server.validation import screen_replies
+from shared_model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.config import RunSettings
+from shared_model.head import FusedRankingHead, build_head
+from shared_model.records import METRICS, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES
+
+log = logging.getLogger(__name__)
+LAST = "last.pt"
+
+
+@dataclass
+class LoopState:
+    arrays: ArrayRecord
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    start_round: int = 1
+    resumed_from: int | None = None
+
+
+def arrays_to_head(settings: RunSettings, arrays: ArrayRecord) -> FusedRankingHead:
+    model = build_head(settings.model)
+    model.load_state_dict(arrays.to_torch_state_dict())
+    model.eval()
+    return model
+
+
+def _message_bytes(msgs: list[Message]) -> int:
+    total = 0
+    for m in msgs:
+        if m.has_content():
+            total += sum(r.count_bytes() for r in m.content.array_records.values())
+            total += sum(r.count_bytes() for r in m.content.metric_records.values())
+            total += sum(r.count_bytes() for r in m.content.config_records.values())
+    return total
+
+
+def init_state(settings: RunSettings, out_dir: Path, strategy: Strategy, resume: bool) -> LoopState:
+    """Fresh initial head, or the last checkpoint in ``out_dir`` when resuming (same run config required)."""
+    last = out_dir / LAST
+    if resume and last.is_file():
+        model, payload = load_checkpoint(last)
+        saved = payload["run_config"]
+        now = settings.to_flat()
+        diff = {k for k in set(saved) | set(now) if k != "server.num-rounds" and saved.get(k) != now.get(k)}
+        if diff:
+            raise ValueError(f"{last}: cannot resume, run config differs in {sorted(diff)}")
+        restore_strategy_state(strategy, payload["strategy_state"])
+        rnd = int(payload["round"])
+        log.info("resuming from %s after round %d", last, rnd)
+        return LoopState(ArrayRecord(model.state_dict()), list(payload["metrics_history"]), rnd + 1, rnd)
+    model = build_head(settings.model, seed=settings.server.seed)
+    return LoopState(ArrayRecord(model.state_dict()))
+
+
+def run_rounds(
+    grid: Grid,
+    strategy: Strategy,
+    settings: RunSettings,
+    state: LoopState,
+    out_dir: Path,
+    train_config: ConfigRecord,
+    central_eval: Callable[[FusedRankingHead], dict[str, float]],
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    max_update_norm: float | None = None,
+) -> LoopState:
+    """Run rounds ``state.start_round .. server.num-rounds``; checkpoint after each one."""
+    cfg = settings.server
+    ckpt_dir = out_dir / "checkpoints"
+    for rnd in range(state.start_round, cfg.num_rounds + 1):
+        t0 = time.perf_counter()
+        random.seed(cfg.seed * 100_003 + rnd)  # Flower's samplers draw from `random`
+        reference = {k: v.numpy() for k, v in state.arrays.items()}
+        out_msgs = list(strategy.configure_train(rnd, state.arrays, ConfigRecord(dict(train_config)), grid))
+        replies = list(grid.send_and_receive(out_msgs, timeout=cfg.round_timeout))
+        screened = screen_replies(replies, reference, max_norm=max_update_norm)
+        timeouts = len(out_msgs) - len(replies)
+        record: dict[str, Any] = {
+            "round": rnd, "sampled": len(out_msgs), "replied": len(replies), "accepted": len(screened.accepted),
+            "failures": len(screened.failed), "timeouts": timeouts, "rejected": len(screened.rejected),
+            "rejected_reasons": screened.rejected,
+            "bytes_sent": _message_bytes(out_msgs), "bytes_received": _message_bytes(replies),
+        }
+        if len(screened.accepted) >= max(1, strategy.min_train_nodes):
+            agg_arrays, agg_metrics = strategy.aggregate_train(rnd, screened.accepted)
+            if agg_arrays is not None:
+                state.arrays = agg_arrays
+            record["train"] = dict(agg_metrics or {})
+        else:
+            log.warning("round %d: only %d usable replies (< min %d); global head unchanged",
+                        rnd, len(screened.accepted), strategy.min_train_nodes)
+            record["train"] = {}
+        record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
+                                              train_config)
+        if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
+            record["central"] = central_eval(arrays_to_head(settings, state.arrays))
+        record["seconds"] = time.perf_counter() - t0
+        state.rounds.append(record)
+        _checkpoint(settings, state, strategy, rnd, out_dir, ckpt_dir)
+        if on_round is not None:
+            on_round(record)
+    return state
+
+
+def _federated_eval(
+    grid: Grid, strategy: Strategy, arrays: ArrayRecord, rnd: int, timeout: float, record: dict[str, Any],
+    eval_config: ConfigRecord,
+) -> dict[str, Any]:
+    """Clients evaluate the global head (and their personalized version) on their held-out sessions."""
+    msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_config)), grid))
+    if not msgs:
+        return {}
+    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    record["bytes_sent"] += _message_bytes(msgs)
+    record["bytes_received"] += _message_bytes(replies)
+    screened = screen_replies(replies, {}, is_train=False)
+    weight = sum(float(m.content.metric_records[METRICS][NUM_EXAMPLES]) for m in screened.accepted)
+    agg = strategy.aggregate_evaluate(rnd, screened.accepted) if weight > 0 else None
+    per_client = {NDCG_GLOBAL: [], NDCG_PERSONAL: []}
+    for m in screened.accepted:
+        mr = m.content.metric_records[METRICS]
+        if float(mr[NUM_EXAMPLES]) <= 0:
+            continue
+        for k in per_client:
+            if k in mr:
+                per_client[k].append(float(mr[k]))
+    return {"aggregated": dict(agg or {}), "per_client": per_client, "failures": len(screened.failed)}
+
+
+def _checkpoint(
+    settings: RunSettings, state: LoopState, strategy: Strategy, rnd: int, out_dir: Path, ckpt_dir: Path
+) -> None:
+    model = arrays_to_head(settings, state.arrays)
+    kwargs = {
+        "run_config": settings.to_flat(), "round": rnd, "strategy_state": strategy_state(strategy),
+        "metrics_history": state.rounds, "seeds": {"server": settings.server.seed, "torch": torch.initial_seed()},
+    }
+    save_checkpoint(ckpt_dir / f"round-{rnd:03d}.pt", model, **kwargs)
+    save_checkpoint(out_dir / LAST, model, **kwargs)
+
+

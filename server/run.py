@@ -1,0 +1,120 @@
+"""Everything the ServerApp does, as plain functions: data and client shards, strategy, rounds, reports."""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord
+from flwr.serverapp import Grid
+
+from client.local import shard_dir
+from server.loop import LoopState, init_state, run_rounds
+from server.strategies import build_strategy
+from shared_model.config import RunSettings
+from shared_model.records import LOCAL_EPOCHS, NDCG_GLOBAL, NDCG_PERSONAL, PROPENSITY_ETA
+from shared_model.schema import atomic_write
+from shared_model.training import ranking_metrics, score_slates
+from simulations.partition import partition_users, user_segments, write_shards
+from simulations.prepare import Prepared, prepare
+
+log = logging.getLogger(__name__)
+
+
+def ensure_data(settings: RunSettings, progress: bool = True) -> Prepared:
+    """The prepared data folder; the marketplace is generated first if the folder has none."""
+    data_dir = Path(settings.data.dir)
+    if not (data_dir / "sessions.npz").is_file():
+        from simulations.marketplace import generate_marketplace
+
+        log.info("no data in %s: generating the %r marketplace", data_dir, settings.data.preset)
+        generate_marketplace(data_dir, preset=settings.data.preset, seed=settings.data.seed, progress=progress)
+    return prepare(data_dir, progress=progress)
+
+
+def ensure_shards(prep: Prepared, settings: RunSettings) -> list[Path]:
+    """One shard per client (what each device holds), written once per partitioning."""
+    p = settings.partition
+    users = np.unique(prep.log.user)
+    clients = partition_users(users, user_segments(prep.data_dir, users), p.scheme, p.num_clients, p.alpha, p.seed)
+    return write_shards(prep, shard_dir(settings), clients)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process and its finished children, MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0
+
+
+def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict[str, Any]:
+    """Prepare, run every round, write ``results.json``, checkpoints and plots into ``server.out-dir``."""
+    t_start = time.perf_counter()
+    out = Path(settings.server.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    prep = ensure_data(settings, progress)
+    ensure_shards(prep, settings)
+    test, table = prep.slates("test"), prep.table()
+    strategy = build_strategy(settings.strategy)
+    state = init_state(settings, out, strategy, settings.server.resume)
+    train_config = ConfigRecord({PROPENSITY_ETA: float(prep.eta), LOCAL_EPOCHS: settings.train.local_epochs})
+    bar = _progress_bar(settings, state, progress)
+
+    def on_round(rec: dict[str, Any]) -> None:
+        if bar is not None:
+            bar.set_postfix({"ndcg@10": f"{rec.get('central', {}).get('ndcg@10', float('nan')):.4f}",
+                             "ok": f"{rec['accepted']}/{rec['sampled']}"})
+            bar.update(1)
+
+    state = run_rounds(grid, strategy, settings, state, out, train_config,
+                       central_eval=lambda m: ranking_metrics(score_slates(m, test, table), test),
+                       on_round=on_round)
+    if bar is not None:
+        bar.close()
+    results = build_results(settings, state, prep, time.perf_counter() - t_start)
+    write_results(out, results)
+    return results
+
+
+def _progress_bar(settings: RunSettings, state: LoopState, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=settings.server.num_rounds, initial=state.start_round - 1, desc="rounds", unit="round")
+
+
+def build_results(settings: RunSettings, state: LoopState, prep: Prepared, seconds: float) -> dict[str, Any]:
+    rounds = state.rounds
+    last = rounds[-1] if rounds else {}
+    fed = last.get("federated", {}).get("per_client", {})
+    per_round = [r["seconds"] for r in rounds if "seconds" in r]
+    return {
+        "run_config": settings.to_flat(),
+        "data": {"dir": str(prep.data_dir), "items": len(prep.catalog), "sessions": len(prep.log),
+                 "test_sessions": int(len(prep.test_idx)), "propensity_eta": prep.eta},
+        "rounds": rounds,
+        "final": last.get("central", {}),
+        "clients": {NDCG_GLOBAL: fed.get(NDCG_GLOBAL, []), NDCG_PERSONAL: fed.get(NDCG_PERSONAL, [])},
+        "seconds_per_round": {"min": min(per_round, default=0.0), "median": float(np.median(per_round)) if per_round else 0.0,
+                              "max": max(per_round, default=0.0)},
+        "seconds_total": seconds,
+        "resumed_from_round": state.resumed_from,
+        "peak_rss_mb": peak_rss_mb(),
+        "references": {},
+    }
+
+
+def write_results(out: Path, results: dict[str, Any]) -> None:
+    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
+    try:
+        from simulations.report import plot_run
+
+        plot_run(results, out)
+    except Exception as e:  # noqa: BLE001 -- a plot must never lose a finished run's results
+        log.warning("plots not written: %s", e)

@@ -1,0 +1,71 @@
+"""Flower strategies chosen by config. Flower's own classes, constructed and configured; never copied."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.serverapp import strategy as fs
+
+from shared_model.config import ConfigError, StrategyConfig
+from shared_model.records import ARRAYS, CONFIG, NUM_EXAMPLES
+
+STRATEGIES: dict[str, type[fs.Strategy]] = {
+    "fedavg": fs.FedAvg,
+    "fedprox": fs.FedProx,
+    "fedadam": fs.FedAdam,
+    "fedyogi": fs.FedYogi,
+    "fedmedian": fs.FedMedian,
+    "fedtrimmedavg": fs.FedTrimmedAvg,
+    "krum": fs.Krum,
+}
+# server-side optimizer state that must survive a restart (FedOpt family: first and second moments)
+_STATE_ATTRS = ("m_t", "v_t")
+
+
+def build_strategy(cfg: StrategyConfig) -> fs.Strategy:
+    """The Flower strategy named by ``strategy.name`` with the sampling and strategy-specific settings."""
+    name = cfg.name.lower()
+    if name not in STRATEGIES:
+        raise ConfigError(f"strategy.name: {cfg.name!r} is not one of {sorted(STRATEGIES)}")
+    common: dict[str, Any] = {
+        "fraction_train": cfg.fraction_train,
+        "fraction_evaluate": cfg.fraction_evaluate,
+        "min_train_nodes": cfg.min_train_clients,
+        "min_evaluate_nodes": cfg.min_train_clients if cfg.fraction_evaluate > 0 else 0,
+        "min_available_nodes": cfg.min_available_clients,
+        "weighted_by_key": NUM_EXAMPLES,
+        "arrayrecord_key": ARRAYS,
+        "configrecord_key": CONFIG,
+    }
+    extra: dict[str, Any] = {}
+    if name == "fedprox":
+        extra = {"proximal_mu": cfg.proximal_mu}
+    elif name in ("fedadam", "fedyogi"):
+        extra = {"eta": cfg.server_lr}
+    elif name == "fedtrimmedavg":
+        extra = {"beta": cfg.trim_beta}
+    elif name == "krum":
+        extra = {"num_malicious_nodes": cfg.num_malicious}
+    return STRATEGIES[name](**common, **extra)
+
+
+def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:
+    """Server-optimizer state (e.g. FedAdam's moments) as plain numpy, for checkpoints."""
+    state: dict[str, Any] = {"class": type(strategy).__name__}
+    for attr in _STATE_ATTRS:
+        value = getattr(strategy, attr, None)
+        if value is not None:
+            # torch tensors, so the checkpoint loads with torch.load(weights_only=True)
+            state[attr] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
+    return state
+
+
+def restore_strategy_state(strategy: fs.Strategy, state: dict[str, Any]) -> None:
+    if state.get("class") not in (None, type(strategy).__name__):
+        raise ValueError(f"checkpoint holds {state.get('class')} state, but the run uses {type(strategy).__name__}")
+    for attr in _STATE_ATTRS:
+        if attr in state:
+            setattr(strategy, attr, {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                                     for k, v in state[attr].items()})
