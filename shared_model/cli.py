@@ -123,6 +123,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_sets(items: list[str] | None) -> dict[str, Any]:
+    import tomllib
+
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. strategy.name=\"fedprox\")")
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value  # a bare string
+    return out
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from simulations.runner import simulate
+
+    res = simulate(args.scenario, rounds=args.rounds, out=args.out, extra=_parse_sets(args.set),
+                   local_only=args.local_only, central=not args.no_reference)
+    rows = {f"federated ({res['run_config']['strategy.name']})": res["final"]}
+    rows.update(res.get("references", {}))
+    print_table(f"scenario {args.scenario}: held-out sessions after {len(res['rounds'])} rounds", rows)
+    spr = res["seconds_per_round"]
+    print(f"seconds per round min/median/max: {spr['min']:.1f}/{spr['median']:.1f}/{spr['max']:.1f}; "
+          f"peak RSS {res['peak_rss_mb']:.0f} MiB; results: {Path(res['run_config']['server.out-dir']) / 'results.json'}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     data = Path(args.data)
     gen = argparse.Namespace(catalog=None, out=str(data), preset=args.preset, seed=args.seed, skip_bad=False)
@@ -170,6 +199,14 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--judgments")
     e.add_argument("--out")
     e.add_argument("--skip-bad", action="store_true")
+
+    sm = add("simulate", cmd_simulate, "run a federated scenario through Flower's simulation engine")
+    sm.add_argument("--scenario", required=True, help="name in simulations/scenarios/ or a .toml path")
+    sm.add_argument("--rounds", type=int)
+    sm.add_argument("--out")
+    sm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config value (repeatable)")
+    sm.add_argument("--local-only", action="store_true", help="also compute the local-only lower bound")
+    sm.add_argument("--no-reference", action="store_true", help="skip the centralized upper bound")
 
     d = add("demo", cmd_demo, "the main job on the embedded default data")
     d.add_argument("--data", default="data/default")

@@ -1,0 +1,70 @@
+"""``fedrank simulate``: a scenario file through Flower's simulation engine, then references and plots."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from shared_model.config import load_defaults, load_scenario, merge_overrides, parse_run_config
+from shared_model.schema import atomic_write
+
+log = logging.getLogger(__name__)
+
+
+def scenario_config(scenario: str, rounds: int | None = None, out: str | None = None,
+                    extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """pyproject defaults < scenario file < command-line values, as one flat run config."""
+    flat = merge_overrides(load_defaults(), load_scenario(scenario), f"scenario {scenario}")
+    cli: dict[str, Any] = dict(extra or {})
+    if rounds is not None:
+        cli["server.num-rounds"] = rounds
+    if out is not None:
+        cli["server.out-dir"] = out
+    return merge_overrides(flat, cli, "command line")
+
+
+def simulate(
+    scenario: str,
+    rounds: int | None = None,
+    out: str | None = None,
+    extra: dict[str, Any] | None = None,
+    local_only: bool = False,
+    central: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run one scenario in-process with ``flwr.simulation.run_simulation``; returns its results."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import make_client_app
+    from server.run import ensure_data, ensure_shards, write_results
+    from server.server_app import make_server_app
+    from simulations.references import centralized_reference, local_only_reference
+
+    flat = scenario_config(scenario, rounds, out, extra)
+    settings = parse_run_config(flat)
+    prep = ensure_data(settings, progress)  # here, so that generation and embedding show their progress
+    shards = ensure_shards(prep, settings)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    run_simulation(
+        server_app=make_server_app(flat, progress=progress),
+        client_app=make_client_app(flat),
+        num_supernodes=settings.partition.num_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )
+    out_dir = Path(settings.server.out_dir)
+    results_path = out_dir / "results.json"
+    if not results_path.is_file():
+        raise RuntimeError(f"the simulation ended without writing {results_path}; see the log above")
+    results = json.loads(results_path.read_text())
+    results["scenario"] = scenario
+    if central:
+        results["references"]["centralized"] = centralized_reference(prep, settings)
+    if local_only:
+        epochs = settings.server.num_rounds * settings.train.local_epochs
+        results["references"]["local-only"] = local_only_reference(settings, shards, epochs=epochs, progress=progress)
+    write_results(out_dir, results)
+    atomic_write(out_dir / "run_config.json", lambda f: f.write(json.dumps(flat, indent=2).encode()))
+    return results

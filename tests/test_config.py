@@ -1,0 +1,44 @@
+"""Run-config parsing: defaults from pyproject, scenarios, unknown keys and wrong types."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shared_model.config import (
+    ConfigError, ModelConfig, load_defaults, load_scenario, merge_overrides, parse_run_config,
+)
+
+SCENARIOS = sorted(p.stem for p in (Path(__file__).parent.parent / "simulations" / "scenarios").glob("*.toml"))
+
+
+def test_defaults_parse_and_round_trip() -> None:
+    s = parse_run_config(load_defaults())
+    assert s.model.fusion in ("concat", "gated", "attention")
+    assert parse_run_config(s.to_flat()) == s
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_every_scenario_parses(name: str) -> None:
+    flat = merge_overrides(load_defaults(), load_scenario(name), name)
+    parse_run_config(flat)
+
+
+def test_unknown_key_is_rejected_with_its_name() -> None:
+    with pytest.raises(ConfigError, match="train.lrr"):
+        merge_overrides(load_defaults(), {"train.lrr": 0.1})
+    with pytest.raises(ConfigError, match="model.fusoin"):
+        parse_run_config({"model.fusoin": "gated"})
+
+
+def test_wrong_type_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="train.local-epochs"):
+        merge_overrides(load_defaults(), {"train.local-epochs": "two"})
+    with pytest.raises(ConfigError, match="model.fusion"):
+        ModelConfig(fusion="sum")
+
+
+def test_missing_scenario_lists_available() -> None:
+    with pytest.raises(ConfigError, match="smoke"):
+        load_scenario("no-such-scenario")
