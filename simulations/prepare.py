@@ -18,7 +18,7 @@ import torch
 
 from shared_model.data import ItemTable, Slates, build_slates, split_by_time
 from shared_model.features import FeatureStore, build_feature_store, encode_queries
-from shared_model.propensity import fit_power_law
+from shared_model.propensity import aggregate_position_counts, fit_power_law
 from shared_model.schema import Catalog, SessionLog, atomic_write
 from simulations.catalog_io import load_catalog
 
@@ -61,7 +61,8 @@ def estimate_from_log(log_: SessionLog, sessions: np.ndarray) -> tuple[float, np
         raise ValueError("no randomized sessions in the log: cannot estimate position propensities")
     pos = np.concatenate([np.arange(log_.offsets[s + 1] - log_.offsets[s]) for s in rnd])
     clk = np.concatenate([log_.clicks[log_.slate(int(s))] for s in rnd])
-    eta, props = fit_power_law(pos, clk, max_positions=MAX_POSITIONS)
+    impressions, clicks = aggregate_position_counts(pos, clk, max_positions=MAX_POSITIONS)
+    eta, props = fit_power_law(impressions, clicks)
     return float(eta), np.asarray(props, dtype=np.float32)
 
 

@@ -7,7 +7,12 @@ from pathlib import Path
 import pytest
 
 from shared_model.config import (
-    ConfigError, ModelConfig, load_defaults, load_scenario, merge_overrides, parse_run_config,
+    ConfigError,
+    ModelConfig,
+    load_defaults,
+    load_scenario,
+    merge_overrides,
+    parse_run_config,
 )
 
 SCENARIOS = sorted(p.stem for p in (Path(__file__).parent.parent / "simulations" / "scenarios").glob("*.toml"))
