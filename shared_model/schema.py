@@ -143,7 +143,8 @@ class SessionLog:
         path = Path(path)
         arrays = {k: getattr(self, k) for k in self.ARRAYS}
         arrays["queries_json"] = np.array(json.dumps(self.queries))
-        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
+        atomic_write(path, lambda f: np.savez_compressed(f, **arrays))  # see marketplace.save_session_log for
+        # a byte-reproducible variant (fixed zip timestamps)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SessionLog:
@@ -160,6 +161,9 @@ def atomic_write(path: Path, write: object) -> None:
     """Write through a temporary file in the same folder, then rename: no half-written file is ever left."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp creates 0600; give the file ordinary permissions
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)  # type: ignore[operator]

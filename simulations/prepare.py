@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +67,12 @@ def estimate_from_log(log_: SessionLog, sessions: np.ndarray) -> tuple[float, np
     return float(eta), np.asarray(props, dtype=np.float32)
 
 
+def feature_cache_dir(data_dir: Path) -> Path:
+    """Embedding cache shared by the data folders beside ``data_dir`` (keyed by content hash, so two folders
+    holding the same catalog share its embeddings); ``FEDRANK_CACHE`` overrides."""
+    return Path(os.environ.get("FEDRANK_CACHE", data_dir.resolve().parent / ".feature-cache"))
+
+
 def prepare(data_dir: str | Path, progress: bool = True) -> Prepared:
     data_dir = Path(data_dir)
     catalog_path = data_dir / "catalog.jsonl"
@@ -75,7 +82,7 @@ def prepare(data_dir: str | Path, progress: bool = True) -> Prepared:
             raise FileNotFoundError(f"{p}: missing; generate data first (fedrank generate --out {data_dir})")
     catalog = load_catalog(catalog_path)
     log_ = SessionLog.load(sessions_path)
-    cache = data_dir / "cache"
+    cache = feature_cache_dir(data_dir)
     store = build_feature_store(catalog, cache, progress=progress)
     query_emb = encode_queries(log_.queries, cache, progress=progress)
     train_idx, test_idx = split_by_time(log_, TEST_FRAC)
