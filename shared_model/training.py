@@ -99,7 +99,7 @@ def per_list_metrics(scores: np.ndarray, slates: Slates) -> dict[str, np.ndarray
     scores = np.where(mask, scores, -1e9)
     return {
         NDCG10: ndcg_at_k(scores, grades, mask, k=10),
-        MRR: mrr(scores, grades, mask),
+        MRR: mrr(scores, grades, mask, threshold=3),  # first exact match (grade 3): grade>=1 is trivial here
         RECALL10: recall_at_k(scores, grades, mask, k=10),
     }
 

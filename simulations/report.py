@@ -39,7 +39,7 @@ def plot_run(results: dict[str, Any], out: Path) -> list[Path]:
     data = [(k, clients.get(k, [])) for k in (NDCG_GLOBAL, NDCG_PERSONAL) if clients.get(k)]
     if data:
         fig, ax = plt.subplots(figsize=(6, 4))
-        ax.boxplot([v for _, v in data], labels=["global head", "personalized"][: len(data)], showmeans=True)
+        ax.boxplot([v for _, v in data], tick_labels=["global head", "personalized"][: len(data)], showmeans=True)
         ax.set_ylabel("per-client NDCG@10 (own held-out sessions)")
         ax.set_title(f"{len(data[0][1])} clients, final round")
         ax.grid(alpha=0.3)
