@@ -15,7 +15,7 @@ from shared_model.config import RunSettings, load_defaults, merge_overrides, par
 from shared_model.head import build_head
 from shared_model.records import (
     ARRAYS, CONFIG, METRICS, MRR_GLOBAL, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES, NUM_STEPS,
-    PERSONAL_STATE, PROPENSITY_ETA, PROXIMAL_MU, RECALL_GLOBAL, SERVER_ROUND, TRAIN_LOSS,
+    PERSONAL_STATE, PNDCG_GLOBAL, PNDCG_PERSONAL, PROPENSITY_ETA, PROXIMAL_MU, RECALL_GLOBAL, SERVER_ROUND, TRAIN_LOSS,
 )
 
 
@@ -69,6 +69,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
             NUM_EXAMPLES: int(glob.get("num_lists", 0)),  # held-out slates with a relevant item: the weight
             NDCG_GLOBAL: glob.get("ndcg@10", 0.0), MRR_GLOBAL: glob.get("mrr", 0.0),
             RECALL_GLOBAL: glob.get("recall@10", 0.0), NDCG_PERSONAL: pers.get("ndcg@10", 0.0),
+            PNDCG_GLOBAL: glob.get("pndcg@10", 0.0), PNDCG_PERSONAL: pers.get("pndcg@10", 0.0),
         }
         metrics = {k: (0.0 if v != v else v) for k, v in metrics.items()}  # NaN only when the weight is 0
         return Message(content=RecordDict({METRICS: MetricRecord(metrics)}), reply_to=msg)

@@ -26,7 +26,7 @@ from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import RunSettings
 from shared_model.head import FusedRankingHead, build_head
-from shared_model.records import METRICS, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES
+from shared_model.records import METRICS, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES, PNDCG_GLOBAL, PNDCG_PERSONAL
 
 log = logging.getLogger(__name__)
 LAST = "last.pt"
@@ -138,7 +138,7 @@ def _federated_eval(
     screened = screen_replies(replies, {}, is_train=False)
     weight = sum(float(m.content.metric_records[METRICS][NUM_EXAMPLES]) for m in screened.accepted)
     agg = strategy.aggregate_evaluate(rnd, screened.accepted) if weight > 0 else None
-    per_client = {NDCG_GLOBAL: [], NDCG_PERSONAL: []}
+    per_client: dict[str, list[float]] = {NDCG_GLOBAL: [], NDCG_PERSONAL: [], PNDCG_GLOBAL: [], PNDCG_PERSONAL: []}
     for m in screened.accepted:
         mr = m.content.metric_records[METRICS]
         if float(mr[NUM_EXAMPLES]) <= 0:

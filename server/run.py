@@ -17,7 +17,9 @@ from client.local import shard_dir
 from server.loop import LoopState, init_state, run_rounds
 from server.strategies import build_strategy
 from shared_model.config import RunSettings
-from shared_model.records import LOCAL_EPOCHS, NDCG_GLOBAL, NDCG_PERSONAL, PROPENSITY_ETA
+from shared_model.records import (
+    LOCAL_EPOCHS, NDCG_GLOBAL, NDCG_PERSONAL, PNDCG_GLOBAL, PNDCG_PERSONAL, PROPENSITY_ETA,
+)
 from shared_model.schema import atomic_write
 from shared_model.training import ranking_metrics, score_slates
 from simulations.partition import partition_users, user_segments, write_shards
@@ -100,7 +102,7 @@ def build_results(settings: RunSettings, state: LoopState, prep: Prepared, secon
                  "test_sessions": int(len(prep.test_idx)), "propensity_eta": prep.eta},
         "rounds": rounds,
         "final": last.get("central", {}),
-        "clients": {NDCG_GLOBAL: fed.get(NDCG_GLOBAL, []), NDCG_PERSONAL: fed.get(NDCG_PERSONAL, [])},
+        "clients": {k: fed.get(k, []) for k in (NDCG_GLOBAL, NDCG_PERSONAL, PNDCG_GLOBAL, PNDCG_PERSONAL)},
         "seconds_per_round": {"min": min(per_round, default=0.0), "median": float(np.median(per_round)) if per_round else 0.0,
                               "max": max(per_round, default=0.0)},
         "seconds_total": seconds,

@@ -16,6 +16,8 @@ TRAIN_LOSS = "train-loss"
 NUM_STEPS = "num-steps"
 NDCG_GLOBAL = "ndcg@10-global"
 NDCG_PERSONAL = "ndcg@10-personal"
+PNDCG_GLOBAL = "pndcg@10-global"  # personal-gain NDCG (see training.PNDCG10) of the global head
+PNDCG_PERSONAL = "pndcg@10-personal"  # ... of the device's personalized head
 MRR_GLOBAL = "mrr-global"
 RECALL_GLOBAL = "recall@10-global"
 

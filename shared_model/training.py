@@ -93,11 +93,17 @@ def ranking_metrics(scores: np.ndarray, slates: Slates) -> dict[str, float]:
     return {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in per.items()}
 
 
+PNDCG10 = "pndcg@10"  # NDCG@10 with the shopper's own gains: (2**grade - 1) * (1 + 0.5 * personal utility)
+UTILITY_GAIN = 0.5  # the simulator's click model scales attractiveness by (1 + 0.5 * utility)
+
+
 def per_list_metrics(scores: np.ndarray, slates: Slates) -> dict[str, np.ndarray]:
     grades = slates.grades.numpy()
     mask = slates.valid.numpy()
     scores = np.where(mask, scores, -1e9)
+    personal = (np.exp2(grades) - 1.0) * np.clip(1.0 + UTILITY_GAIN * slates.utility.numpy(), 0.0, None)
     return {
+        PNDCG10: ndcg_at_k(scores, personal, mask, k=10, gain="linear"),
         NDCG10: ndcg_at_k(scores, grades, mask, k=10),
         MRR: mrr(scores, grades, mask, threshold=3),  # first exact match (grade 3): grade>=1 is trivial here
         RECALL10: recall_at_k(scores, grades, mask, k=10),

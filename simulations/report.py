@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from shared_model.records import NDCG_GLOBAL, NDCG_PERSONAL  # noqa: E402
+from shared_model.records import NDCG_GLOBAL, NDCG_PERSONAL, PNDCG_GLOBAL, PNDCG_PERSONAL  # noqa: E402
 
 
 def plot_run(results: dict[str, Any], out: Path) -> list[Path]:
@@ -36,11 +36,13 @@ def plot_run(results: dict[str, Any], out: Path) -> list[Path]:
     written.append(p)
 
     clients = results.get("clients", {})
-    data = [(k, clients.get(k, [])) for k in (NDCG_GLOBAL, NDCG_PERSONAL) if clients.get(k)]
+    names = {NDCG_GLOBAL: "global\nNDCG@10", NDCG_PERSONAL: "personalized\nNDCG@10",
+             PNDCG_GLOBAL: "global\npersonal-gain NDCG@10", PNDCG_PERSONAL: "personalized\npersonal-gain NDCG@10"}
+    data = [(names[k], clients[k]) for k in names if clients.get(k)]
     if data:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.boxplot([v for _, v in data], tick_labels=["global head", "personalized"][: len(data)], showmeans=True)
-        ax.set_ylabel("per-client NDCG@10 (own held-out sessions)")
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.boxplot([v for _, v in data], tick_labels=[n for n, _ in data], showmeans=True)
+        ax.set_ylabel("per client, own held-out sessions")
         ax.set_title(f"{len(data[0][1])} clients, final round")
         ax.grid(alpha=0.3)
         fig.tight_layout()
