@@ -148,7 +148,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     print_table(f"scenario {args.scenario}: held-out sessions after {len(res['rounds'])} rounds", rows)
     spr = res["seconds_per_round"]
     print(f"seconds per round min/median/max: {spr['min']:.1f}/{spr['median']:.1f}/{spr['max']:.1f}; "
-          f"peak RSS {res['peak_rss_mb']:.0f} MiB; results: {Path(res['run_config']['server.out-dir']) / 'results.json'}")
+          f"peak memory (process tree) {res.get('peak_tree_rss_mb', res['peak_rss_mb']):.0f} MiB; results: {Path(res['run_config']['server.out-dir']) / 'results.json'}")
     return 0
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from shared_model.config import load_defaults, load_scenario, merge_overrides, parse_run_config
 from shared_model.schema import atomic_write
+from simulations.memory import PeakTreeMemory
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +48,21 @@ def simulate(
     prep = ensure_data(settings, progress)  # here, so that generation and embedding show their progress
     shards = ensure_shards(prep, settings)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    run_simulation(
-        server_app=make_server_app(flat, progress=progress),
-        client_app=make_client_app(flat),
-        num_supernodes=settings.partition.num_clients,
-        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
-    )
+    with PeakTreeMemory() as memory:
+        run_simulation(
+            server_app=make_server_app(flat, progress=progress),
+            client_app=make_client_app(flat),
+            num_supernodes=settings.partition.num_clients,
+            backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                            "init_args": {"num_cpus": 2, "include_dashboard": False}},
+        )
     out_dir = Path(settings.server.out_dir)
     results_path = out_dir / "results.json"
     if not results_path.is_file():
         raise RuntimeError(f"the simulation ended without writing {results_path}; see the log above")
     results = json.loads(results_path.read_text())
     results["scenario"] = scenario
+    results["peak_tree_rss_mb"] = memory.peak_mb  # this process + Ray's workers, sampled every 0.5 s
     if central:
         results["references"]["centralized"] = centralized_reference(prep, settings)
     if local_only:
