@@ -112,3 +112,47 @@ def test_nan_update_is_rejected_and_round_proceeds(tmp_path: Path) -> None:
     assert "non-finite" in rec["rejected_reasons"][0]
     assert all(torch.isfinite(torch.from_numpy(state.arrays[k].numpy())).all() for k in state.arrays.keys())
     assert rec["bytes_sent"] > 0 and rec["bytes_received"] > 0
+
+
+def test_client_failures_are_counted_and_round_proceeds(tmp_path: Path) -> None:
+    # Prepare: client 0 fails (error reply), client 1 never answers (timeout)
+    from flwr.app import Error
+
+    _, ov, settings, central = _setup(tmp_path, rounds=1)
+    good = make_client_app(ov)
+
+    class Flaky(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            replies = []
+            for m in messages:
+                pid = self.pid[m.metadata.dst_node_id]
+                if pid == 0:
+                    replies.append(Message(Error(code=0, reason="client crashed"), reply_to=m))
+                elif pid != 1:
+                    replies.append(good(m, self.contexts[m.metadata.dst_node_id]))
+            return replies
+
+    # Execute
+    state, _ = _run(settings, ov, central, grid=Flaky(N_CLIENTS, lambda pid: good))
+    # Assert
+    rec = state.rounds[0]
+    assert (rec["failures"], rec["timeouts"], rec["accepted"]) == (1, 1, N_CLIENTS - 2)
+    assert "central" in rec
+
+
+def test_round_below_minimum_keeps_global_head(tmp_path: Path) -> None:
+    from flwr.app import Error
+
+    _, ov, settings, central = _setup(tmp_path, rounds=1, **{"strategy.min-train-clients": 4})
+
+    class Down(LocalGrid):
+        def send_and_receive(self, messages, *, timeout=None):
+            return [Message(Error(code=0, reason="offline"), reply_to=m) for m in messages]
+
+    strategy = build_strategy(settings.strategy)
+    state0 = init_state(settings, Path(settings.server.out_dir), strategy, resume=False)
+    before = {k: v.numpy().copy() for k, v in state0.arrays.items()}
+    state, _ = _run(settings, ov, central, grid=Down(N_CLIENTS, lambda pid: make_client_app(ov)), resume=False)
+    assert state.rounds[0]["failures"] == N_CLIENTS and state.rounds[0]["train"] == {}
+    for k, v in before.items():
+        np.testing.assert_array_equal(state.arrays[k].numpy(), v)
