@@ -9,6 +9,7 @@ export TRANSFORMERS_OFFLINE := 1
 export FLWR_DISABLE_UPDATE_CHECK := 1
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export TOKENIZERS_PARALLELISM := false
+export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test test-fast lint bench clean
 

@@ -81,7 +81,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     save_checkpoint(out / "head.pt", model, run_config={"data.dir": str(args.data), "train": vars(tcfg)},
                     metrics_history=[*info["history"], {"test": metrics}], seeds={"seed": args.seed})
     print_table(f"held-out sessions ({args.data})", {"trained head": metrics})
-    print(f"checkpoint: {out / 'head.pt'} ({info['params']} parameters, {info['seconds']:.1f} s)")
+    print(f"checkpoint: {out / 'head.pt'} ({info['params']} parameters, best epoch {info['best_epoch']} of "
+          f"{info['epochs_run']}, {info['seconds']:.1f} s)")
     return 0
 
 
@@ -196,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
     def head_opts(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--data", default="data/default", help="data folder (fedrank generate --out)")
         sp.add_argument("--out", required=True)
-        sp.add_argument("--epochs", type=int, default=6)
+        sp.add_argument("--epochs", type=int, default=12, help="at most; early stopping on validation clicks")
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--fusion", choices=["concat", "gated", "attention"])
         sp.add_argument("--loss", help="softmax | listnet | approx_ndcg | lambdaloss | ranknet")
@@ -229,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--preset", default="default")
     d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--epochs", type=int, default=6)
+    d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--rounds", type=int, help="federated rounds (default: the demo scenario's)")
     return p
 

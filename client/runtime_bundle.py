@@ -1,0 +1,204 @@
+"""The on-device bundle format, shared by the exporter (``export/``) and the runtime (``client/runtime.py``).
+
+Torch-free on purpose: it imports only the standard library and numpy, so the runtime can use it on a device.
+
+A bundle is one directory::
+
+    manifest.json            format + version, every file's sha256 / size / IO names and shapes / quantization /
+                             measured fidelity, embedding dims, package versions, catalog item ids
+    tokenizer.json           the text encoder's tokenizer (``tokenizers`` library)
+    text_encoder.<q>.onnx    text encoder with pooling and L2 norm: input_ids, attention_mask -> text_embedding
+    text_encoder.<q>.tflite  the same, one signature per token length (``t16``, ``t32``, ``t64``; batch 1)
+    image_encoder.<q>.onnx   EfficientNet-Lite0 trunk + average pooling: pixels -> image_embedding
+    image_encoder.<q>.tflite the same, one signature ``b1`` (batch 1)
+    head.<q>.onnx            the fused ranking head: 9 inputs -> scores [batch, slate] (dynamic batch and slate)
+    head.<q>.tflite          the same, one signature per slate size (``s20``, ``s50``, ``s100``; batch 1)
+    catalog.npz              item embeddings as int8 with one float32 scale per row (text, image, video),
+                             modality mask, item dense features, raw price; rows in manifest ``catalog.item_ids``
+
+``<q>`` names the precision actually stored (``int8``, ``fp16``, ``fp32``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BUNDLE_FORMAT = "fedrank-bundle"
+BUNDLE_VERSION = 1  # bump on any incompatible change of the layout or of a file's inputs/outputs
+MANIFEST = "manifest.json"
+TOKENIZER = "tokenizer.json"
+CATALOG = "catalog.npz"
+COMPONENTS = ("text_encoder", "image_encoder", "head")
+BACKENDS = ("onnx", "tflite")
+CATALOG_ARRAYS = (
+    "text_q", "text_scale", "image_q", "image_scale", "video_q", "video_scale", "mask", "dense", "price",
+)
+
+# the head's inputs, in forward() order (shared_model/head.py)
+HEAD_INPUTS = (
+    "query", "item_text", "item_image", "item_video", "item_mask", "dense", "user_text", "user_image", "user_mask",
+)
+HEAD_OUTPUT = "scores"
+TEXT_INPUTS = ("input_ids", "attention_mask")
+TEXT_OUTPUT = "text_embedding"
+IMAGE_INPUT = "pixels"
+IMAGE_OUTPUT = "image_embedding"
+
+
+class BundleError(ValueError):
+    """A bundle file is missing, corrupt, tampered with (sha256) or from an incompatible version.
+
+    ``file`` names the offending file (relative to the bundle) or the bundle directory itself.
+    """
+
+    def __init__(self, file: str | os.PathLike[str], problem: str) -> None:
+        self.file = str(file)
+        self.problem = problem
+        super().__init__(f"{self.file}: {problem}")
+
+
+class RerankInputError(ValueError):
+    """A request to the runtime is invalid; ``field`` names the argument (``query``, ``candidate_ids``, ...)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Parse and check ``manifest.json``: format, version and the keys the runtime relies on."""
+    root = Path(bundle_dir)
+    if not root.is_dir():
+        raise BundleError(root, "no such bundle directory")
+    path = root / MANIFEST
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise BundleError(MANIFEST, f"cannot read the manifest ({e.__class__.__name__}: {e})") from e
+    try:
+        man = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BundleError(MANIFEST, f"not valid JSON ({e})") from e
+    if not isinstance(man, dict) or man.get("format") != BUNDLE_FORMAT:
+        raise BundleError(MANIFEST, f"not a {BUNDLE_FORMAT} manifest")
+    version = man.get("format_version")
+    if version != BUNDLE_VERSION:
+        raise BundleError(MANIFEST, f"bundle format version {version!r} is not supported by this runtime "
+                                    f"(expects {BUNDLE_VERSION}); re-export the bundle")
+    for key in ("files", "components", "tokenizer"):
+        if key not in man:
+            raise BundleError(MANIFEST, f"missing key {key!r}")
+    return man
+
+
+def verify_file(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], name: str) -> Path:
+    """The path of bundle file ``name`` after checking that it exists and that its sha256 matches the manifest."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise BundleError(name, "not listed in the manifest")
+    path = Path(bundle_dir) / name
+    if not path.is_file():
+        raise BundleError(name, "missing from the bundle")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise BundleError(name, f"sha256 mismatch (file {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...):"
+                                " the file is corrupt or was modified")
+    return path
+
+
+# ------------------------------------------------------------------------------------------- catalog
+
+
+def pack_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric per-row int8: ``x [N, D] float -> (q int8 [N, D], scale float32 [N])`` with ``x ~ q * scale``.
+
+    ``scale = max|row| / 127``; an all-zero row (missing modality) gets scale 0 and dequantises to exact zeros.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    amax = np.abs(x).max(axis=1) if x.size else np.zeros(len(x), np.float32)
+    scale = (amax / 127.0).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1.0)[:, None]
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def unpack_rows(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_rows`: float32 ``[N, D]``."""
+    return q.astype(np.float32) * scale.astype(np.float32)[:, None]
+
+
+@dataclass
+class PackedCatalog:
+    """The bundle's catalog: int8 embeddings (per-row scales), mask, dense features and raw prices."""
+
+    item_ids: list[str]
+    arrays: dict[str, np.ndarray]
+
+    def __post_init__(self) -> None:
+        self._row = {iid: r for r, iid in enumerate(self.item_ids)}
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def __contains__(self, item_id: object) -> bool:
+        return item_id in self._row
+
+    def row(self, item_id: str) -> int | None:
+        return self._row.get(item_id)
+
+    def modality(self, name: str, rows: np.ndarray) -> np.ndarray:
+        """Dequantised ``text``/``image``/``video`` embeddings of ``rows``: float32 ``[len(rows), D]``."""
+        return unpack_rows(self.arrays[f"{name}_q"][rows], self.arrays[f"{name}_scale"][rows])
+
+    @classmethod
+    def from_float(cls, item_ids: list[str], text: np.ndarray, image: np.ndarray, video: np.ndarray,
+                   mask: np.ndarray, dense: np.ndarray, price: np.ndarray) -> PackedCatalog:
+        arrays: dict[str, np.ndarray] = {}
+        for name, x in (("text", text), ("image", image), ("video", video)):
+            arrays[f"{name}_q"], arrays[f"{name}_scale"] = pack_rows(x)
+        arrays["mask"] = np.asarray(mask, dtype=bool)
+        arrays["dense"] = np.asarray(dense, dtype=np.float32)
+        arrays["price"] = np.asarray(price, dtype=np.float64)  # log1p(price) as in training
+        return cls(list(item_ids), arrays)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        with open(path, "wb") as f:
+            np.savez(f, **self.arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], item_ids: list[str], dims: dict[str, int]) -> PackedCatalog:
+        """Load ``catalog.npz``; every array is checked against ``item_ids`` and the embedding ``dims``."""
+        name = Path(path).name
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zip/npy errors of all kinds: a corrupt file
+            raise BundleError(name, f"cannot read the catalog ({e.__class__.__name__}: {e})") from e
+        missing = [k for k in CATALOG_ARRAYS if k not in arrays]
+        if missing:
+            raise BundleError(name, f"missing arrays {missing}")
+        n = len(item_ids)
+        want = {"text_q": (n, dims["text"]), "image_q": (n, dims["image"]), "video_q": (n, dims["image"]),
+                "text_scale": (n,), "image_scale": (n,), "video_scale": (n,), "mask": (n, 3), "price": (n,)}
+        for k, shape in want.items():
+            if arrays[k].shape != shape:
+                raise BundleError(name, f"array {k} has shape {arrays[k].shape}, expected {shape}")
+        if arrays["dense"].ndim != 2 or arrays["dense"].shape[0] != n:
+            raise BundleError(name, f"array dense has shape {arrays['dense'].shape}, expected ({n}, D)")
+        return cls(list(item_ids), arrays)
