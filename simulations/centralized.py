@@ -13,31 +13,16 @@ import torch
 
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
-from shared_model.data import ItemTable, Slates, build_slates, head_inputs, iterate_batches, split_by_time
+from shared_model.data import Slates, build_slates, split_by_time
 from shared_model.head import FusedRankingHead, build_head, count_parameters
-from shared_model.losses import get_loss
 from shared_model.schema import atomic_write
-from shared_model.training import click_targets, ranking_metrics, score_slates, train_epochs
+from shared_model.training import ips_click_dcg, ranking_metrics, score_slates, train_epochs
 from simulations.baselines import BM25Ranker, CosineRanker
 from simulations.prepare import Prepared
 
 log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides
 VAL_FRAC = 0.1
-
-
-def validation_click_loss(model: FusedRankingHead, val: Slates, table: ItemTable, cfg: TrainConfig,
-                          props: torch.Tensor) -> float:
-    """The training objective (IPS-weighted when ``cfg.ips``) on held-out clicks: no graded relevance used."""
-    loss_fn = get_loss(cfg.loss)
-    model.eval()
-    total, n = 0.0, 0
-    with torch.inference_mode():
-        for batch in iterate_batches(val, 512, shuffle=False):
-            labels, weights = click_targets(batch, cfg, props)
-            total += float(loss_fn(model(**head_inputs(batch, table)), labels, batch.valid, weights)) * len(batch)
-            n += len(batch)
-    return total / max(n, 1)
 
 
 def train_central(
@@ -47,13 +32,13 @@ def train_central(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
     progress: bool = True,
-    patience: int = 2,
+    patience: int = 3,
 ) -> tuple[FusedRankingHead, dict[str, Any]]:
     """Train one head on the pooled training sessions of every user.
 
     The last 10% of each shopper's training sessions are held out as validation clicks; training stops when the
-    validation click loss has not improved for ``patience`` epochs (at most ``epochs``) and the best epoch's
-    weights are returned. Graded relevance is never looked at.
+    IPS-estimated DCG@10 of those clicks (``ips_click_dcg``) has not improved for ``patience`` epochs (at most
+    ``epochs``) and the best epoch's weights are returned. Graded relevance is never looked at.
     """
     torch.manual_seed(seed)
     model = build_head(model_cfg, seed=seed)
@@ -64,15 +49,15 @@ def train_central(
     props = prep.propensity_tensor()
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
-    best, best_state, since = float("inf"), None, 0
+    best, best_state, since = -float("inf"), None, 0
     for epoch in range(epochs):
         stats = train_epochs(model, fit, table, train_cfg, props, epochs=1, seed=seed * 100 + epoch)
-        vloss = validation_click_loss(model, val, table, train_cfg, props)
-        history.append({"epoch": epoch + 1, **stats, "val_loss": vloss})
+        vdcg = ips_click_dcg(score_slates(model, val, table), val, props)
+        history.append({"epoch": epoch + 1, **stats, "val_ips_dcg": vdcg})
         if progress:
-            log.info("epoch %d/%d loss %.4f val %.4f", epoch + 1, epochs, stats["train_loss"], vloss)
-        if vloss < best - 1e-4:
-            best, since = vloss, 0
+            log.info("epoch %d/%d loss %.4f validation IPS-DCG@10 %.4f", epoch + 1, epochs, stats["train_loss"], vdcg)
+        if vdcg > best + 1e-5:
+            best, since = vdcg, 0
             best_state = {k: v.clone() for k, v in model.state_dict().items()}
         else:
             since += 1
@@ -81,7 +66,7 @@ def train_central(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    best_epoch = min(history, key=lambda h: h["val_loss"])["epoch"] if history else 0
+    best_epoch = max(history, key=lambda h: h["val_ips_dcg"])["epoch"] if history else 0
     info = {"epochs_run": len(history), "best_epoch": best_epoch, "seconds": time.perf_counter() - t0,
             "history": history, "params": count_parameters(model)}
     return model, info
