@@ -112,9 +112,9 @@ def run_rounds(
             log.warning("round %d: only %d usable replies (< min %d); global head unchanged",
                         rnd, len(screened.accepted), strategy.min_train_nodes)
             record["train"] = {}
-        record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
-                                              train_config)
         if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
+            record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
+                                                  train_config)
             record["central"] = central_eval(arrays_to_head(settings, state.arrays))
         record["seconds"] = time.perf_counter() - t0
         state.rounds.append(record)
