@@ -140,13 +140,20 @@ def _parse_sets(items: list[str] | None) -> dict[str, Any]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from simulations.runner import simulate
+    from simulations.runner import resume_config, simulate, simulate_config
 
-    res = simulate(args.scenario, rounds=args.rounds, out=args.out, extra=_parse_sets(args.set),
-                   local_only=args.local_only, central=not args.no_reference)
+    if args.resume:
+        res = simulate_config(resume_config(args.resume, args.rounds), scenario=f"resumed {args.resume}",
+                              local_only=args.local_only, central=not args.no_reference)
+    elif args.scenario:
+        res = simulate(args.scenario, rounds=args.rounds, out=args.out, extra=_parse_sets(args.set),
+                       local_only=args.local_only, central=not args.no_reference)
+    else:
+        print("fedrank simulate: give --scenario NAME or --resume DIR", file=sys.stderr)
+        return 2
     rows = {f"federated ({res['run_config']['strategy.name']})": res["final"]}
     rows.update(res.get("references", {}))
-    print_table(f"scenario {args.scenario}: held-out sessions after {len(res['rounds'])} rounds", rows)
+    print_table(f"{res['scenario']}: held-out sessions after {len(res['rounds'])} rounds", rows)
     spr = res["seconds_per_round"]
     print(f"seconds per round min/median/max: {spr['min']:.1f}/{spr['median']:.1f}/{spr['max']:.1f}; "
           f"peak memory (process tree) {res.get('peak_tree_rss_mb', res['peak_rss_mb']):.0f} MiB; results: {Path(res['run_config']['server.out-dir']) / 'results.json'}")
@@ -218,7 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--skip-bad", action="store_true")
 
     sm = add("simulate", cmd_simulate, "run a federated scenario through Flower's simulation engine")
-    sm.add_argument("--scenario", required=True, help="name in simulations/scenarios/ or a .toml path")
+    sm.add_argument("--scenario", help="name in simulations/scenarios/ or a .toml path")
+    sm.add_argument("--resume", metavar="DIR", help="continue the interrupted run in DIR from its last checkpoint")
     sm.add_argument("--rounds", type=int)
     sm.add_argument("--out")
     sm.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config value (repeatable)")

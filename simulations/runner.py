@@ -36,6 +36,31 @@ def simulate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Run one scenario in-process with ``flwr.simulation.run_simulation``; returns its results."""
+    flat = scenario_config(scenario, rounds, out, extra)
+    return simulate_config(flat, scenario, local_only=local_only, central=central, progress=progress)
+
+
+def resume_config(run_dir: str | Path, rounds: int | None = None) -> dict[str, Any]:
+    """The run config saved in ``run_dir/last.pt``, to continue that run (optionally to more rounds)."""
+    from server.loop import LAST
+    from shared_model.checkpoint import load_checkpoint
+
+    _, payload = load_checkpoint(Path(run_dir) / LAST)
+    flat = merge_overrides(load_defaults(), payload["run_config"], f"{run_dir}/{LAST}")
+    flat.update({"server.out-dir": str(run_dir), "server.resume": True})
+    if rounds is not None:
+        flat["server.num-rounds"] = rounds
+    return flat
+
+
+def simulate_config(
+    flat: dict[str, Any],
+    scenario: str = "custom",
+    local_only: bool = False,
+    central: bool = True,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a complete flat run config in-process with ``flwr.simulation.run_simulation``."""
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -43,7 +68,6 @@ def simulate(
     from server.server_app import make_server_app
     from simulations.references import centralized_reference, local_only_reference
 
-    flat = scenario_config(scenario, rounds, out, extra)
     settings = parse_run_config(flat)
     prep = ensure_data(settings, progress)  # here, so that generation and embedding show their progress
     shards = ensure_shards(prep, settings)

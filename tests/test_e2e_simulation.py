@@ -42,14 +42,38 @@ def _check_results(out: Path, rounds: int) -> dict:
     return res
 
 
-def test_smoke_through_fedrank_simulate(tmp_path: Path) -> None:
-    out = tmp_path / "run"
-    cmd = [str(BIN / "fedrank"), "simulate", "--scenario", "smoke", "--out", str(out), "--no-reference"]
+def _simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [str(BIN / "fedrank"), "simulate", *args, "--no-reference"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = _check_results(out, rounds=2)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, str]:
+    tmp = tmp_path_factory.mktemp("smoke")
+    proc = _simulate(tmp, "--scenario", "smoke", "--out", str(tmp / "run"))
+    return _check_results(tmp / "run", rounds=2), proc.stdout
+
+
+def test_smoke_through_fedrank_simulate(uninterrupted: tuple[dict, str]) -> None:
+    res, stdout = uninterrupted
     assert res["final"]["ndcg@10"] > res["rounds"][0]["central"]["ndcg@10"] - 0.05
-    assert "federated (fedavg)" in proc.stdout
+    assert "federated (fedavg)" in stdout
+
+
+def test_resume_matches_uninterrupted_run(uninterrupted: tuple[dict, str], tmp_path: Path) -> None:
+    # Prepare: the same scenario stopped after round 1
+    out = tmp_path / "run"
+    _simulate(tmp_path, "--scenario", "smoke", "--out", str(out), "--rounds", "1")
+    # Execute: continue it to 2 rounds from its last checkpoint
+    _simulate(tmp_path, "--resume", str(out), "--rounds", "2")
+    # Assert
+    res = _check_results(out, rounds=2)
+    assert res["resumed_from_round"] == 1
+    full = uninterrupted[0]
+    for key in ("ndcg@10", "mrr", "recall@10"):
+        assert res["final"][key] == pytest.approx(full["final"][key], abs=1e-6)
 
 
 def test_smoke_through_flwr_run(tmp_path: Path) -> None:
