@@ -47,3 +47,10 @@ def test_wrong_type_is_rejected() -> None:
 def test_missing_scenario_lists_available() -> None:
     with pytest.raises(ConfigError, match="smoke"):
         load_scenario("no-such-scenario")
+
+
+def test_pyproject_declares_every_run_config_key() -> None:
+    defaults = load_defaults()
+    flat = parse_run_config(defaults).to_flat()
+    assert set(flat) == set(defaults)
+    assert flat == {k: (float(v) if isinstance(flat[k], float) else v) for k, v in defaults.items()}
