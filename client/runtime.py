@@ -56,8 +56,6 @@ import numpy as np
 
 from client.runtime_bundle import (
     BACKENDS,
-    CATALOG,
-    HEAD_INPUTS,
     HEAD_OUTPUT,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
@@ -80,6 +78,8 @@ IMAGE_SIZE = 224
 PIXEL_MEAN = 127.0
 PIXEL_SCALE = 128.0
 
+Floats = Sequence[float] | np.ndarray  # per-candidate numbers
+
 __all__ = ["Reranker", "BundleError", "RerankInputError", "load_interpreter_class"]
 
 
@@ -92,7 +92,7 @@ def load_interpreter_class() -> Any:
         from ai_edge_litert.interpreter import Interpreter
     except ImportError:
         try:
-            from tflite_runtime.interpreter import Interpreter  # type: ignore[no-redef]
+            from tflite_runtime.interpreter import Interpreter
         except ImportError as e:
             raise ImportError("the tflite backend needs ai-edge-litert (or tflite-runtime)") from e
     return Interpreter
@@ -227,64 +227,59 @@ def _to_pixels(image: Any) -> np.ndarray:
     """A path, bytes, PIL image or ``HxWx3`` uint8 array -> float32 ``[1, 3, 224, 224]``, as the encoder saw them
     in training (alpha composited over white, RGB, bilinear resize to 224x224, ``(x - 127) / 128``)."""
     if isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim != 3 or arr.shape[2] != 3 or arr.dtype != np.uint8:
-            raise RerankInputError("query_image", f"an array must be HxWx3 uint8, got {arr.shape} {arr.dtype}")
-        if arr.shape[:2] != (IMAGE_SIZE, IMAGE_SIZE):
-            arr = np.asarray(_pil_resize(_pil().Image.fromarray(arr)))
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise RerankInputError("query_image", f"an array must be HxWx3 uint8, got {image.shape} {image.dtype}")
+        arr = image if image.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) else _resize(_pil_image().fromarray(image))
     else:
-        arr = np.asarray(_pil_resize(_decode(image)))
+        arr = _resize(_decode(image))
     x = arr.astype(np.float32).transpose(2, 0, 1)[None]
     return np.ascontiguousarray((x - PIXEL_MEAN) / PIXEL_SCALE)
 
 
-def _pil() -> Any:
+def _pil_image() -> Any:
+    """``PIL.Image``, imported lazily: only search-by-photo needs Pillow."""
     try:
-        import PIL.Image  # noqa: F401 -- lazily: only search-by-photo needs it
+        from PIL import Image
     except ImportError as e:
         raise RerankInputError("query_image", "decoding a photo needs Pillow; pass a 224x224x3 uint8 array") from e
-    import PIL
-
-    return PIL
+    return Image
 
 
 def _decode(image: Any) -> Any:
-    pil = _pil()
-    from PIL import Image
+    """An RGB PIL image from a PIL image, bytes or a path (as ``shared_model.encoders.decode_image``)."""
+    import io
 
-    if isinstance(image, Image.Image):
+    pil = _pil_image()
+    if isinstance(image, pil.Image):
         img = image
     else:
-        import io
-
+        name = "<bytes>" if isinstance(image, bytes | bytearray) else str(image)
         try:
             data = image if isinstance(image, bytes | bytearray) else Path(os.fspath(image)).read_bytes()
         except (OSError, TypeError) as e:
-            raise RerankInputError("query_image", f"cannot read {image!r}: {e}") from e
+            raise RerankInputError("query_image", f"cannot read {name}: {e}") from e
         try:
-            with Image.open(io.BytesIO(data)) as probe:
-                probe.verify()
-            img = Image.open(io.BytesIO(data))
-            img.load()
+            with pil.open(io.BytesIO(data)) as probe:
+                probe.verify()  # broken chunks / CRCs
+            img = pil.open(io.BytesIO(data))
+            img.load()  # truncated data
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            name = "<bytes>" if isinstance(image, bytes | bytearray) else str(image)
             raise RerankInputError("query_image", f"unreadable image {name}: {e.__class__.__name__}: {e}") from e
     if img.width < 1 or img.height < 1:
         raise RerankInputError("query_image", "empty image")
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
-        img = pil.Image.alpha_composite(pil.Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = pil.alpha_composite(pil.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return img.convert("RGB")
 
 
-def _pil_resize(img: Any) -> Any:
-    from PIL import Image
-
+def _resize(img: Any) -> np.ndarray:
+    pil = _pil_image()
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
-    return img
+        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), pil.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- reranker
@@ -424,8 +419,8 @@ class Reranker:
         return kept, np.asarray([r for r in rows if r is not None], np.int64), keep
 
     def head_inputs(self, query_emb: np.ndarray, rows: np.ndarray, user: UserContext,
-                    retrieval_scores: Sequence[float] | None = None,
-                    first_stage_ranks: Sequence[float] | None = None) -> dict[str, np.ndarray]:
+                    retrieval_scores: Floats | None = None,
+                    first_stage_ranks: Floats | None = None) -> dict[str, np.ndarray]:
         """The head's inputs for one slate (batch 1): the same function as ``shared_model.data.head_inputs``."""
         s = len(rows)
         ranks = np.arange(s, dtype=np.float32) if first_stage_ranks is None else _vector(
@@ -457,8 +452,8 @@ class Reranker:
 
     # ---------------------------------------------------------------------------------------- request
     def score(self, query: str | None, candidate_ids: Sequence[str], recent_item_ids: Sequence[str] | None = None,
-              *, query_image: Any = None, retrieval_scores: Sequence[float] | None = None,
-              first_stage_ranks: Sequence[float] | None = None, skip_unknown: bool = False,
+              *, query_image: Any = None, retrieval_scores: Floats | None = None,
+              first_stage_ranks: Floats | None = None, skip_unknown: bool = False,
               query_emb: np.ndarray | None = None) -> tuple[list[str], np.ndarray]:
         """Scores in the candidates' order: ``(kept candidate ids, scores [S])``. See :meth:`rerank`."""
         if query is None and query_image is None and query_emb is None:
@@ -484,7 +479,7 @@ class Reranker:
 
     def rerank(self, query: str | None = None, candidate_ids: Sequence[str] = (),
                recent_item_ids: Sequence[str] | None = None, *, query_image: Any = None,
-               retrieval_scores: Sequence[float] | None = None, first_stage_ranks: Sequence[float] | None = None,
+               retrieval_scores: Floats | None = None, first_stage_ranks: Floats | None = None,
                skip_unknown: bool = False) -> list[tuple[str, float]]:
         """``[(item_id, score), ...]`` sorted best first (ties keep the candidates' order).
 
@@ -538,7 +533,7 @@ def _id_list(ids: Any, field: str) -> list[str]:
     return out
 
 
-def _vector(values: Sequence[float], n: int, field: str) -> np.ndarray:
+def _vector(values: Floats, n: int, field: str) -> np.ndarray:
     try:
         v = np.asarray(values, dtype=np.float32).reshape(-1)
     except (TypeError, ValueError) as e:

@@ -29,7 +29,7 @@ class _BlockTorch:
 
 
 def block_torch() -> None:
-    sys.meta_path.insert(0, _BlockTorch())  # type: ignore[arg-type]
+    sys.meta_path.insert(0, _BlockTorch())
 
 
 def time_calls(fn: Callable[[], Any], iters: int, warmup: int) -> list[float]:

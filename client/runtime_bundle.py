@@ -179,7 +179,7 @@ class PackedCatalog:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         with open(path, "wb") as f:
-            np.savez(f, **self.arrays)
+            np.savez(f, **self.arrays)  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], item_ids: list[str], dims: dict[str, int]) -> PackedCatalog:

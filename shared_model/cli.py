@@ -233,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--local-only", action="store_true", help="also compute the local-only lower bound")
     sm.add_argument("--no-reference", action="store_true", help="skip the centralized upper bound")
 
+    from export.cli import add_commands
+
+    add_commands(sub)  # export, rerank, bench
+
     d = add("demo", cmd_demo, "the main job on the embedded default data")
     d.add_argument("--data", default="data/default")
     d.add_argument("--out", default="runs/demo")

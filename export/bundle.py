@@ -1,0 +1,599 @@
+"""``export_bundle``: checkpoint + data -> a validated on-device bundle directory (layout: client/runtime_bundle.py).
+
+Every file is exported into a private staging directory, validated there (export/validate.py), and only when
+every file and the whole pipeline (through the on-device runtime, per backend) pass their bars is the staging
+directory renamed onto the destination -- one atomic rename. Any failure raises (``ExportValidationError`` names
+the file, check, measured value and bar) and leaves no bundle and no staging directory behind.
+
+Precision per file, from ``quantize`` (``int8`` | ``fp16`` | ``none``):
+
+* text encoder and head: exactly the requested precision; a miss of a bar is an error;
+* image encoder: "as far as fidelity allows" -- the candidates are tried from the smallest (``int8``: ONNX
+  static QDQ int8 / LiteRT dynamic-range int8, then fp16, then fp32) and the first that reaches the cosine bar is
+  kept; every tried precision and its measured cosine are recorded in the manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.runtime_bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_VERSION,
+    CATALOG,
+    MANIFEST,
+    TOKENIZER,
+    PackedCatalog,
+    sha256_file,
+)
+from export.errors import ExportError, ExportValidationError
+from export.onnx_export import export_onnx, quantize_onnx, share_weights
+from export.spec import (
+    DEFAULT_MAX_LENGTH,
+    HEAD_SIGNATURE_SLATES,
+    PIPELINE_NDCG_BAR,
+    PIPELINE_TAU_BAR,
+    ExportSpec,
+    head_spec,
+    image_spec,
+    random_head_inputs,
+    random_images,
+    text_spec,
+)
+from export.tflite_export import convert_tflite, finalize_tflite, quantize_tflite
+from export.validate import (
+    PROBE_TEXTS,
+    HeldOut,
+    Probe,
+    pipeline_fidelity,
+    torch_reference,
+    validate_onnx,
+    validate_tflite,
+)
+from shared_model.head import FusedRankingHead
+
+log = logging.getLogger(__name__)
+
+QUANTIZE_CHOICES = ("int8", "fp16", "none")
+TARGETS = ("onnx", "tflite")
+VALUE_CHECKS = ("cosine_min", "kendall_tau_mean")  # misses that make the image encoder fall back
+_PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
+             "tokenizers", "numpy", "transformers")
+
+
+@dataclass
+class ExportOptions:
+    targets: tuple[str, ...] = TARGETS
+    quantize: str = "int8"
+    max_length: int = DEFAULT_MAX_LENGTH
+    head_slates: tuple[int, ...] = HEAD_SIGNATURE_SLATES
+    image_encoder: bool = True
+    max_slates: int = 2000  # held-out slates scored for the pipeline check (a sample is noisy near the bar)
+    seed: int = 0
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets:
+            raise ExportError(f"targets {list(self.targets)}: choose from {TARGETS}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise ExportError(f"quantize {self.quantize!r}: choose from {QUANTIZE_CHOICES}")
+
+
+@dataclass
+class Sources:
+    """What the bundle is made from. ``prepared`` is a ``simulations.prepare.Prepared`` (or the synthetic one)."""
+
+    head: FusedRankingHead
+    prepared: Any
+    text_encoder: torch.nn.Module | None = None  # default: shared_model.encoders.TextEncoder()
+    image_encoder: torch.nn.Module | None = None  # default: shared_model.encoders.ImageEncoder()
+    checkpoint_info: dict[str, Any] = field(default_factory=dict)
+    catalog_store: Any = None  # a FeatureStore to ship instead of prepared.store ...
+    catalog: Any = None  # ... and its Catalog (for the raw prices)
+
+
+def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
+                           catalog: str | os.PathLike[str] | None = None, data: str | os.PathLike[str] | None = None,
+                           options: ExportOptions | None = None) -> dict[str, Any]:
+    """``fedrank export``: load the head, prepare the data it was trained on, export (see :func:`export_bundle`).
+
+    ``catalog`` is a data folder (its feature store is shipped) or a catalog file (CSV/JSONL, embedded through
+    the feature-store cache beside it). Held-out slates for the pipeline check come from ``data``, else from
+    ``catalog`` when it is a data folder, else from the checkpoint's ``run_config["data.dir"]``.
+    """
+    from shared_model.checkpoint import CheckpointError, load_checkpoint
+    from simulations.prepare import prepare
+
+    try:
+        head, payload = load_checkpoint(checkpoint)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
+    cat_path = Path(catalog) if catalog is not None else None
+    if cat_path is not None and not cat_path.exists():
+        raise ExportError(f"--catalog {cat_path}: no such file or folder")
+    data_dir = data or (cat_path if cat_path is not None and cat_path.is_dir() else None) \
+        or payload.get("run_config", {}).get("data.dir")
+    if not data_dir or not Path(data_dir).is_dir():
+        raise ExportError(f"no data folder to validate on ({data_dir!r}): pass --data (or --catalog DATA_DIR); "
+                          "the checkpoint's run_config has no usable data.dir")
+    try:
+        prep = prepare(Path(data_dir), progress=False)
+    except (OSError, ValueError) as e:  # missing files, a malformed catalog or session log
+        raise ExportError(f"data folder {data_dir}: {e}") from e
+    store = cat = None
+    if cat_path is not None and cat_path.is_file():
+        from shared_model.features import build_feature_store
+        from simulations.catalog_io import load_catalog
+
+        cat = load_catalog(cat_path)
+        store = build_feature_store(cat, cat_path.parent / "cache", progress=False)
+    info = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint),
+            "round": payload.get("round", 0), "data_dir": str(Path(data_dir).resolve())}
+    return export_bundle(Sources(head, prep, checkpoint_info=info, catalog_store=store, catalog=cat), out, options)
+
+
+def export_bundle(sources: Sources, out: str | os.PathLike[str], options: ExportOptions | None = None
+                  ) -> dict[str, Any]:
+    """Export, validate, and atomically write the bundle to ``out``; returns the manifest."""
+    opts = options or ExportOptions()
+    out = Path(out)
+    if out.exists() and not opts.overwrite:
+        raise ExportError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
+    os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
+    work = Path(tempfile.mkdtemp(prefix="fedrank-export-"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # torch references: more threads than free cores makes OpenMP crawl (measured 50x)
+    try:
+        manifest = _build(sources, staging, work, opts)
+        _swap_into_place(staging, out)
+        log.info("bundle written to %s", out)
+        return manifest
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_into_place(staging: Path, out: Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
+    os.replace(out, trash)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(trash, out)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict[str, Any]:
+    from shared_model.encoders import tokenizer_path
+
+    t0 = time.perf_counter()
+    prep = src.prepared
+    store = src.catalog_store if src.catalog_store is not None else prep.store
+    head = src.head.eval()
+    text = (src.text_encoder if src.text_encoder is not None else _default_text_encoder()).eval()
+    files: dict[str, dict[str, Any]] = {}
+    components: dict[str, dict[str, Any]] = {}
+    tok_file = staging / TOKENIZER
+    shutil.copyfile(tokenizer_path(), tok_file)
+    tokenizer = _tokenizer(tok_file)
+    rng = np.random.default_rng(opts.seed)
+
+    # text encoder ---------------------------------------------------------------------------------------------
+    tspec = text_spec(opts.max_length)
+    texts = _probe_texts(prep, store, rng)
+    tprobes = _text_probes(tspec, tokenizer, texts, torch_reference(text, tspec))
+    components["text_encoder"] = _export_component(
+        tspec, text, _text_feeds(tokenizer, texts, 0), tprobes, _precisions(opts.quantize, fallback=False),
+        opts, staging, work, files)
+    components["text_encoder"].update(dim=tspec.output.shape[1], version=_version(text, opts.max_length),
+                                      **tspec.notes)
+    log.info("text encoder exported (%.1f s)", time.perf_counter() - t0)
+
+    # image encoder --------------------------------------------------------------------------------------------
+    if opts.image_encoder:
+        image = (src.image_encoder if src.image_encoder is not None else _default_image_encoder()).eval()
+        ispec = image_spec()
+        pix, calib = _probe_images(prep, store)
+        iref = torch_reference(image, ispec)
+        iprobes = [Probe(dict(s), {"pixels": pix[i : i + s["batch"]]}, iref({"pixels": pix[i : i + s["batch"]]}))
+                   for i, s in enumerate([*ispec.checks, *[ispec.signatures[0]] * 4])]
+        components["image_encoder"] = _export_component(
+            ispec, image, {"pixels": pix[:2]}, iprobes, _precisions(opts.quantize, fallback=True), opts,
+            staging, work, files, calibration=[{"pixels": calib[i : i + 1]} for i in range(len(calib))])
+        components["image_encoder"].update(dim=ispec.output.shape[1], version=_version(image), **ispec.notes)
+        log.info("image encoder exported (%.1f s)", time.perf_counter() - t0)
+
+    # head -----------------------------------------------------------------------------------------------------
+    hspec = head_spec(int(head.cfg.dense_dim), tuple(opts.head_slates))
+    hfeeds = _head_feeds(prep, hspec)
+    href = torch_reference(head, hspec)
+    sizes = [*hspec.checks, *[s for s in hspec.signatures for _ in range(3)]]
+    hprobes = [Probe(dict(s), f, href(f)) for s, f in ((s, hfeeds(dict(s), 100 + i)) for i, s in enumerate(sizes))]
+    components["head"] = _export_component(
+        hspec, head, random_head_inputs(hspec, hspec.trace, opts.seed), hprobes,
+        _precisions(opts.quantize, fallback=False), opts, staging, work, files)
+    components["head"].update(model_config=head.cfg.to_dict(), dense_layout=_dense_layout(store))
+    log.info("head exported (%.1f s)", time.perf_counter() - t0)
+
+    # tokenizer, catalog, manifest -----------------------------------------------------------------------------
+    files[TOKENIZER] = {"component": "tokenizer", "bytes": tok_file.stat().st_size, "sha256": sha256_file(tok_file)}
+    packed = PackedCatalog.from_float(store.item_ids, store.text, store.image, store.video, store.mask,
+                                      store.dense, _prices(src.catalog if src.catalog is not None else prep.catalog, store))
+    packed.save(staging / CATALOG)
+    files[CATALOG] = {"component": "catalog", "bytes": (staging / CATALOG).stat().st_size,
+                      "sha256": sha256_file(staging / CATALOG),
+                      "quantization": "int8 per row (symmetric, one float32 scale per row) for text/image/video",
+                      "fidelity": _catalog_fidelity(store, packed)}
+    manifest = _manifest(src, opts, files, components, store, tspec)
+    _write_manifest(staging, manifest)
+
+    # whole pipeline through the on-device runtime -------------------------------------------------------------
+    held = _held_out(prep, store, text, head, tokenizer, opts)
+    manifest["pipeline_fidelity"] = {}
+    for backend in opts.targets:
+        res = pipeline_fidelity(staging, backend, held)
+        manifest["pipeline_fidelity"][backend] = res
+        log.info("pipeline[%s]: ndcg@10 delta %+.5f, kendall tau %.4f over %d held-out slates", backend,
+                 res["ndcg@10_delta"], res["kendall_tau_mean"], res["slates"])
+    manifest["bars"]["pipeline"] = {"abs_ndcg@10_delta_max": PIPELINE_NDCG_BAR, "kendall_tau_mean_min": PIPELINE_TAU_BAR}
+    manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
+    _write_manifest(staging, manifest)
+    return manifest
+
+
+def _export_component(spec: ExportSpec, module: torch.nn.Module, trace_sample: dict[str, np.ndarray],
+                      probes: list[Probe], precisions: list[str], opts: ExportOptions, staging: Path, work: Path,
+                      files: dict[str, dict[str, Any]],
+                      calibration: Sequence[dict[str, np.ndarray]] | None = None) -> dict[str, Any]:
+    """Export one component for every target; returns its ``components`` manifest entry (files per backend)."""
+    entry: dict[str, Any] = {"files": {}}
+    onnx_probes = [p for p in probes if p.sizes in [dict(c) for c in spec.checks]]
+    tfl_probes = [p for p in probes if p.sizes in [dict(s) for s in spec.signatures]]
+    if "onnx" in opts.targets:
+        fp32 = work / f"{spec.component}.fp32.onnx"
+        with _quiet_root():
+            export_onnx(module, spec, trace_sample, fp32)
+        share_weights(fp32)
+
+        def onnx_candidate(prec: str) -> tuple[Path, str, dict[str, Any]]:
+            onnx_prec = "int8-static" if (prec == "int8" and spec.component == "image_encoder") else prec
+            dst = work / f"{spec.component}.{prec}.onnx"
+            with _quiet_root():
+                desc = quantize_onnx(fp32, dst, onnx_prec, calibration, spec.onnx_weight_only,
+                                     spec.onnx_block_size, spec.onnx_accuracy_level)
+            return dst, desc, validate_onnx(dst, spec, onnx_probes, quantized=prec != "fp32")
+
+        name, rec = _choose(spec, "onnx", precisions, onnx_candidate, staging)
+        rec.update(inputs=[t.to_json() for t in spec.inputs], outputs=[spec.output.to_json()])
+        files[name] = rec
+        entry["files"]["onnx"] = name
+    if "tflite" in opts.targets:
+        samples = [_sample_at(spec, trace_sample, probes, dict(s)) for s in spec.signatures]
+        with _quiet_root():  # litert-torch logs every lowering on the root logger
+            base = convert_tflite(module, spec, samples)
+
+        def tflite_candidate(prec: str) -> tuple[Path, str, dict[str, Any]]:
+            with _quiet_root():
+                model, desc = quantize_tflite(base, prec)
+            dst = work / f"{spec.component}.{prec}.tflite"
+            dst.write_bytes(finalize_tflite(model, spec))
+            return dst, desc, validate_tflite(dst, spec, tfl_probes, quantized=prec != "fp32")
+
+        name, rec = _choose(spec, "tflite", precisions, tflite_candidate, staging)
+        rec["signatures"] = [{"key": spec.signature_key(s), "sizes": dict(s),
+                              "inputs": [t.to_json(s) for t in spec.inputs], "outputs": [spec.output.to_json(s)]}
+                             for s in spec.signatures]
+        files[name] = rec
+        entry["files"]["tflite"] = name
+    return entry
+
+
+def _choose(spec: ExportSpec, backend: str, precisions: list[str],
+            make: Callable[[str], tuple[Path, str, dict[str, Any]]], staging: Path) -> tuple[str, dict[str, Any]]:
+    """Try ``precisions`` in order; keep the first that passes validation (only value misses fall through)."""
+    tried: dict[str, Any] = {}
+    for i, prec in enumerate(precisions):
+        try:
+            path, desc, fidelity = make(prec)
+        except ExportValidationError as e:
+            if i == len(precisions) - 1 or e.check.split("[")[0] not in VALUE_CHECKS:
+                raise
+            tried[prec] = {"passed": False, e.check: e.measured, "bar": e.bar}
+            log.info("%s %s at %s: %s %.4f < %.4f; trying %s", spec.component, backend, prec, e.check,
+                     float(e.measured), float(e.bar), precisions[i + 1])  # type: ignore[arg-type]
+            continue
+        tried[prec] = {"passed": True}
+        name = f"{spec.component}.{prec}.{ 'onnx' if backend == 'onnx' else 'tflite'}"
+        shutil.move(str(path), staging / name)
+        rec = {"component": spec.component, "backend": backend, "precision": prec, "quantization": desc,
+               "bytes": (staging / name).stat().st_size, "sha256": sha256_file(staging / name),
+               "fidelity": {**fidelity, "metric": spec.metric, "bar": spec.bar, "reference": "torch fp32"}}
+        if len(precisions) > 1:
+            rec["precision_search"] = tried
+        return name, rec
+    raise ExportError(f"{spec.component}: no precision to try")  # unreachable: the last one raises
+
+
+@contextlib.contextmanager
+def _quiet_root() -> Iterator[None]:
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+def _precisions(quantize: str, fallback: bool) -> list[str]:
+    order = {"int8": ["int8", "fp16", "fp32"], "fp16": ["fp16", "fp32"], "none": ["fp32"]}[quantize]
+    return order if fallback else order[:1]
+
+
+# ------------------------------------------------------------------------------------------------ probes
+
+
+def _tokenizer(path: Path) -> Any:
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(path))
+    tok.no_padding()
+    return tok
+
+
+def _probe_texts(prep: Any, store: Any, rng: np.random.Generator, n: int = 40) -> list[str]:
+    texts = list(PROBE_TEXTS)
+    queries = list(getattr(prep.log, "queries", []))
+    if queries:
+        texts += [queries[i] for i in rng.choice(len(queries), size=min(n // 2, len(queries)), replace=False)]
+    items = [it.text() for it in getattr(prep, "catalog", [])]
+    if items:
+        texts += [items[i] for i in rng.choice(len(items), size=min(n // 2, len(items)), replace=False)]
+    return texts
+
+
+def _text_feeds(tokenizer: Any, texts: list[str], seed: int, sizes: dict[str, int] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``batch`` texts (rotating through ``texts`` from ``seed``), truncated and padded to exactly ``tokens``."""
+    b, t = (sizes or {"batch": 2, "tokens": 16})["batch"], (sizes or {"batch": 2, "tokens": 16})["tokens"]
+    tokenizer.enable_truncation(max_length=t)
+    ids = np.zeros((b, t), np.int64)
+    mask = np.zeros((b, t), np.int64)
+    for r in range(b):
+        x = tokenizer.encode(texts[(seed * 7 + r) % len(texts)]).ids
+        ids[r, : len(x)] = x
+        mask[r, : len(x)] = 1
+    if b > 1 and mask[1].sum() == t:  # trace with some padding: keeps the padded-mask path in the graph
+        mask[1, t // 2 :] = 0
+        ids[1, t // 2 :] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def _text_probes(spec: ExportSpec, tokenizer: Any, texts: list[str], ref: Callable[[dict[str, np.ndarray]], np.ndarray]
+                 ) -> list[Probe]:
+    sizes = [*spec.checks, *[s for s in spec.signatures for _ in range(4)]]
+    out = []
+    for i, s in enumerate(sizes):
+        feeds = _text_feeds(tokenizer, texts, i + 1, dict(s))
+        out.append(Probe(dict(s), feeds, ref(feeds)))
+    return out
+
+
+def _probe_images(prep: Any, store: Any, n_probe: int = 12, n_calib: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Probe and calibration pixels: the catalog's own photos when it has enough, else synthetic images."""
+    from shared_model.encoders import ImageEncoder, load_image
+
+    paths = [it.image_path for it in getattr(prep, "catalog", []) if it.image_path]
+    imgs = []
+    for p in paths[: 4 * (n_probe + n_calib)]:
+        img = load_image(p)
+        if img is not None:
+            imgs.append(img)
+        if len(imgs) >= n_probe + n_calib:
+            break
+    if len(imgs) >= n_probe + n_calib:
+        pix = ImageEncoder.preprocess(imgs).numpy()
+        return pix[:n_probe], pix[n_probe:]
+    return random_images(n_probe, seed=1), random_images(n_calib, seed=2)
+
+
+def _head_feeds(prep: Any, spec: ExportSpec) -> Callable[[dict[str, int], int], dict[str, np.ndarray]]:
+    """Head inputs of real slates (``shared_model.data.head_inputs``), cut or zero-padded to the probe sizes."""
+    from shared_model.data import head_inputs
+
+    slates = prep.slates("test")
+    if len(slates) == 0:
+        slates = prep.slates("train")
+    table = prep.table()
+
+    def feeds(sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
+        b, s = sizes["batch"], sizes["slate"]
+        idx = np.random.default_rng(seed).choice(len(slates), size=b, replace=len(slates) < b)
+        with torch.inference_mode():
+            x = {k: v.numpy() for k, v in head_inputs(slates.select(idx), table).items()}
+        out = {}
+        for t in spec.inputs:
+            v = x[t.name]
+            if v.ndim == 3:
+                pad = np.zeros((b, s, v.shape[2]), np.float32)
+                pad[:, : min(s, v.shape[1])] = v[:, :s]
+                v = pad
+            out[t.name] = np.ascontiguousarray(v, dtype=np.float32)
+        return out
+
+    return feeds
+
+
+def _sample_at(spec: ExportSpec, trace: dict[str, np.ndarray], probes: list[Probe], sizes: dict[str, int]
+               ) -> dict[str, np.ndarray]:
+    for p in probes:
+        if p.sizes == sizes:
+            return p.feeds
+    if spec.component == "head":
+        return random_head_inputs(spec, sizes)
+    raise ExportError(f"{spec.component}: no sample input at {sizes}")
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+
+
+def _held_out(prep: Any, store: Any, text: torch.nn.Module, head: torch.nn.Module, tokenizer: Any,
+              opts: ExportOptions) -> HeldOut:
+    """Held-out slates for the pipeline check, and torch fp32's scores (torch text encoder + head)."""
+    from shared_model.data import head_inputs
+
+    slates = prep.slates("test")
+    ids = list(prep.store.item_ids)
+    known = set(store.item_ids)
+    keep = [i for i in range(len(slates))
+            if all(ids[r] in known for r in slates.items[i][slates.valid[i]].tolist())]
+    if not keep:
+        raise ExportError("no held-out slate whose items are all in the exported catalog: cannot measure the "
+                          "pipeline's ranking fidelity (pass the data folder the head was trained on)")
+    rng = np.random.default_rng(opts.seed)
+    sel = np.sort(rng.choice(keep, size=min(opts.max_slates, len(keep)), replace=False))
+    sl = slates.select(sel)
+    lg = prep.log
+    queries = [str(lg.queries[int(lg.query[sid])]) for sid in sl.session_ids]
+    tokenizer.enable_truncation(max_length=opts.max_length)
+    qemb = {}
+    with torch.inference_mode():
+        for q in dict.fromkeys(queries):
+            x = torch.tensor([tokenizer.encode(q).ids], dtype=torch.long)
+            qemb[q] = text(x, torch.ones_like(x))[0].float()
+        inputs = head_inputs(sl, prep.table())
+        inputs["query"] = torch.stack([qemb[q] for q in queries])
+        ref = head(**inputs).float().numpy()
+    valid = sl.valid.numpy()
+    held = HeldOut([], [], [], [], [], sl.grades.numpy(), valid, np.where(valid, ref, 0.0).astype(np.float32))
+    for i, sid in enumerate(sl.session_ids):
+        k = int(valid[i].sum())
+        seg = lg.slate(int(sid))
+        held.queries.append(queries[i])
+        held.candidates.append([ids[r] for r in sl.items[i, :k].tolist()])
+        held.recent.append([ids[r] for r in sl.user_items[i][sl.user_valid[i]].tolist()])
+        held.retrieval.append(np.asarray(lg.retrieval_score[seg][:k], np.float32))
+        held.ranks.append(np.asarray(lg.prod_rank[seg][:k], np.float32))
+    return held
+
+
+# ------------------------------------------------------------------------------------------------ manifest
+
+
+def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], components: dict[str, Any], store: Any,
+              tspec: ExportSpec) -> dict[str, Any]:
+    from shared_model.data import HISTORY_LEN
+
+    return {
+        "format": BUNDLE_FORMAT,
+        "format_version": BUNDLE_VERSION,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "targets": list(opts.targets),
+        "quantize": opts.quantize,
+        "checkpoint": src.checkpoint_info,
+        "dims": {"text": int(tspec.output.shape[1]), "image": 1280, "dense": int(src.head.cfg.dense_dim)},
+        "tokenizer": {"file": TOKENIZER, "max_length": opts.max_length, "padding": "none (exact length) for ONNX; "
+                      "zero-padded to the next signature for TFLite"},
+        "components": components,
+        "catalog": {"file": CATALOG, "num_items": len(store.item_ids), "item_ids": list(store.item_ids),
+                    "dense_names": list(store.dense_names), "history_len": HISTORY_LEN,
+                    "embeddings": "int8 per row with float32 scales: x = q * scale"},
+        "files": files,
+        "bars": {"text_encoder_cosine_min": tspec.bar, "image_encoder_cosine_min": image_spec().bar,
+                 "head_kendall_tau_mean_min": head_spec(7).bar},
+        "packages": _package_versions(),
+    }
+
+
+def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default), encoding="utf-8")
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+
+
+def _package_versions() -> dict[str, str]:
+    out = {}
+    for p in _PACKAGES:
+        try:
+            out[p] = importlib.metadata.version(p)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def _dense_layout(store: Any) -> list[str]:
+    return [*store.dense_names, "first_stage_rank/50", "retrieval_score_z_in_slate", "log1p_price_minus_slate_median"]
+
+
+def _prices(catalog: Any, store: Any) -> np.ndarray:
+    price = {it.item_id: it.price for it in catalog}
+    return np.array([float(price.get(i, float("nan"))) for i in store.item_ids], dtype=np.float64)
+
+
+def _catalog_fidelity(store: Any, packed: PackedCatalog) -> dict[str, float]:
+    out = {}
+    rows = np.arange(len(store.item_ids))
+    for name in ("text", "image", "video"):
+        ref = store.modality(name)
+        got = packed.modality(name, rows)
+        present = np.abs(ref).sum(1) > 0
+        if present.any():
+            a, b = ref[present].astype(np.float64), got[present].astype(np.float64)
+            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            out[f"{name}_cosine_min"] = float(cos.min())
+    return out
+
+
+def _version(module: torch.nn.Module, *args: Any) -> str:
+    """The encoder's cache/version tag (``TextEncoder.version(max_length)``), else its class name."""
+    v = getattr(module, "version", None)
+    if not callable(v):
+        return type(module).__name__
+    try:
+        return str(v(*args))
+    except TypeError:
+        return str(v())
+
+
+def _default_text_encoder() -> torch.nn.Module:
+    from shared_model.encoders import TextEncoder
+
+    return TextEncoder()
+
+
+def _default_image_encoder() -> torch.nn.Module:
+    from shared_model.encoders import ImageEncoder
+
+    return ImageEncoder(channels_last=False)
