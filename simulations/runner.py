@@ -90,7 +90,8 @@ def simulate_config(
     if central:
         results["references"]["centralized"] = centralized_reference(prep, settings)
     if local_only:
-        epochs = settings.server.num_rounds * settings.train.local_epochs
+        # as many local epochs as a client trains on average in the federated run
+        epochs = max(1, round(settings.strategy.fraction_train * settings.server.num_rounds * settings.train.local_epochs))
         results["references"]["local-only"] = local_only_reference(settings, shards, epochs=epochs, progress=progress)
     write_results(out_dir, results)
     atomic_write(out_dir / "run_config.json", lambda f: f.write(json.dumps(flat, indent=2).encode()))
