@@ -35,8 +35,8 @@ class ModelConfig:
     image_dim: int = IMAGE_DIM
     video_dim: int = VIDEO_DIM
     dense_dim: int = ITEM_DENSE_DIM + SLATE_DENSE_DIM
-    proj_dim: int = 64
-    hidden: int = 128
+    proj_dim: int = 48
+    hidden: int = 96
     dropout: float = 0.1
     use_image: bool = True
     use_video: bool = True
