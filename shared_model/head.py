@@ -55,9 +55,9 @@ class FusedRankingHead(nn.Module):
         self.norm = nn.LayerNorm(d)
         if cfg.fusion == "attention":
             self.attn = _TinyAttention(d)
-            feat = 2 * d + cfg.dense_dim + NUM_MODALITIES
+            feat = 2 * d + cfg.dense_dim + NUM_MODALITIES + 1
         else:
-            feat = 3 * NUM_MODALITIES * d + cfg.dense_dim + NUM_MODALITIES
+            feat = 3 * NUM_MODALITIES * d + cfg.dense_dim + NUM_MODALITIES + 1
             if cfg.fusion == "gated":
                 self.gate = nn.Linear(2 * d, NUM_MODALITIES)
         self.body = nn.Sequential(nn.Linear(feat, cfg.hidden), nn.GELU(), nn.Dropout(cfg.dropout))
@@ -103,7 +103,10 @@ class FusedRankingHead(nn.Module):
                 g = torch.softmax(logits, dim=-1) * m * NUM_MODALITIES  # [B, S, 3], mean 1 over present
                 blocks = blocks * g.unsqueeze(-1)
             feats = [blocks.reshape(B, S, -1)]  # [B, S, 9d]
-        x = torch.cat([*feats, dense, m], dim=-1)  # [B, S, F]
+        # the query-title cosine (both inputs are L2-normalised MiniLM embeddings): the first-stage signal every
+        # ranker starts from, given to the head directly so it never has to rediscover it through projections
+        qt_cos = (query[:, None, :] * item_text).sum(-1, keepdim=True) * m[..., :1]  # [B, S, 1]
+        x = torch.cat([*feats, dense, m, qt_cos], dim=-1)  # [B, S, F]
         return self.out(self.body(x)).squeeze(-1)  # [B, S]
 
     def shared_state_keys(self) -> list[str]:

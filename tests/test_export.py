@@ -349,7 +349,7 @@ def test_share_weights_stores_each_head_weight_once(tmp_path: Path) -> None:
     x = random_head_inputs(spec, {"batch": 2, "slate": 9}, seed=3)
     want = _ort(tmp_path / "h.onnx").run(None, x)[0]
     assert share_weights(tmp_path / "h.onnx") >= 2
-    assert (tmp_path / "h.onnx").stat().st_size < before - 4 * (384 + 1280) * 64 * 0.9
+    assert (tmp_path / "h.onnx").stat().st_size < before - 4 * (384 + 1280) * ModelConfig().proj_dim * 0.9
     np.testing.assert_allclose(_ort(tmp_path / "h.onnx").run(None, x)[0], want, atol=1e-5)
 
 
