@@ -386,7 +386,7 @@ def test_cli_export_reports_a_missing_checkpoint(tmp_path: Path, capsys: pytest.
 def test_real_encoders_export_and_validate(tmp_path: Path) -> None:
     """MiniLM (int8) + EfficientNet-Lite0 (precision by fidelity) + head, both targets, on synthetic data."""
     prep, head, _ = tiny_setup()
-    man = export_bundle(Sources(head, prep), tmp_path / "real", ExportOptions(max_slates=50))
+    man = export_bundle(Sources(head, prep), tmp_path / "real", ExportOptions(max_slates=2000))
     files = man["files"]
     text = files[man["components"]["text_encoder"]["files"]["onnx"]]
     assert text["precision"] == "int8" and text["fidelity"]["cosine_min"] >= 0.99
