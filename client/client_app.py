@@ -14,8 +14,22 @@ from client.local import load_device_data, local_evaluate, local_train, personal
 from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
 from shared_model.head import build_head
 from shared_model.records import (
-    ARRAYS, CONFIG, METRICS, MRR_GLOBAL, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES, NUM_STEPS,
-    PERSONAL_STATE, PNDCG_GLOBAL, PNDCG_PERSONAL, PROPENSITY_ETA, PROXIMAL_MU, RECALL_GLOBAL, SERVER_ROUND, TRAIN_LOSS,
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    MRR_GLOBAL,
+    NDCG_GLOBAL,
+    NDCG_PERSONAL,
+    NUM_EXAMPLES,
+    NUM_STEPS,
+    PERSONAL_STATE,
+    PNDCG_GLOBAL,
+    PNDCG_PERSONAL,
+    PROPENSITY_ETA,
+    PROXIMAL_MU,
+    RECALL_GLOBAL,
+    SERVER_ROUND,
+    TRAIN_LOSS,
 )
 
 

@@ -26,7 +26,14 @@ from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import RunSettings
 from shared_model.head import FusedRankingHead, build_head
-from shared_model.records import METRICS, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES, PNDCG_GLOBAL, PNDCG_PERSONAL
+from shared_model.records import (
+    METRICS,
+    NDCG_GLOBAL,
+    NDCG_PERSONAL,
+    NUM_EXAMPLES,
+    PNDCG_GLOBAL,
+    PNDCG_PERSONAL,
+)
 
 log = logging.getLogger(__name__)
 LAST = "last.pt"

@@ -18,7 +18,12 @@ from server.loop import LoopState, init_state, run_rounds
 from server.strategies import build_strategy
 from shared_model.config import RunSettings
 from shared_model.records import (
-    LOCAL_EPOCHS, NDCG_GLOBAL, NDCG_PERSONAL, PNDCG_GLOBAL, PNDCG_PERSONAL, PROPENSITY_ETA,
+    LOCAL_EPOCHS,
+    NDCG_GLOBAL,
+    NDCG_PERSONAL,
+    PNDCG_GLOBAL,
+    PNDCG_PERSONAL,
+    PROPENSITY_ETA,
 )
 from shared_model.schema import atomic_write
 from shared_model.training import ranking_metrics, score_slates

@@ -53,7 +53,10 @@ def judged_sessions(catalog: Catalog, judgments: list[tuple[str, str, int]], sou
         scores.append(s.astype(np.float32))
         offsets.append(offsets[-1] + len(rows))
     n, m = len(queries), offsets[-1]
-    cat = (lambda xs, dt: np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt))
+
+    def cat(xs: list[np.ndarray], dt: type) -> np.ndarray:
+        return np.concatenate(xs).astype(dt) if xs else np.zeros(0, dt)
+
     return SessionLog(
         user=np.arange(n, dtype=np.int32), query=np.arange(n, dtype=np.int32),
         randomized=np.zeros(n, bool), timestamp=np.zeros(n, np.int64),

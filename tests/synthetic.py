@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_model.data import split_by_time
 from shared_model.features import FeatureStore
 from shared_model.schema import Catalog, CatalogItem, SessionLog
-from shared_model.data import split_by_time
 from simulations.prepare import Prepared
 
 

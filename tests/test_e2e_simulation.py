@@ -3,6 +3,7 @@ simulation engine, real SuperLink). Slow: run in CI, skip locally with ``-m 'not
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -112,7 +113,5 @@ def _stop_processes_using(home: Path) -> None:
         except OSError:
             continue
         if mine in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(int(pid_dir.name), signal.SIGTERM)
-            except ProcessLookupError:
-                pass
