@@ -26,8 +26,12 @@ def test_defaults_parse_and_round_trip() -> None:
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_every_scenario_parses(name: str) -> None:
-    flat = merge_overrides(load_defaults(), load_scenario(name), name)
-    parse_run_config(flat)
+    overrides = load_scenario(name)
+    settings = parse_run_config(merge_overrides(load_defaults(), overrides, name))
+    parsed = settings.to_flat()
+    assert overrides  # a scenario overrides something
+    for key, value in overrides.items():  # every override reaches the parsed settings unchanged
+        assert parsed[key] == value, key
 
 
 def test_unknown_key_is_rejected_with_its_name() -> None:
