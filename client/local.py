@@ -81,15 +81,20 @@ def personalize(
     fit, val = data.train.select(np.arange(cut)), data.train.select(np.arange(cut, n))
     tuned = copy.deepcopy(base)
     train_epochs(tuned, fit, data.table, cfg, props, epochs=10_000, seed=seed, max_steps=cfg.finetune_steps)
-    g, t = base.state_dict(), tuned.state_dict()
-    best, best_score = base, -np.inf
+    g = {k: v.clone() for k, v in base.state_dict().items()}
+    t = {k: v.clone() for k, v in tuned.state_dict().items()}
+
+    def mixed(a: float) -> dict[str, torch.Tensor]:
+        return {k: (1 - a) * g[k] + a * t[k] if g[k].is_floating_point() else g[k] for k in g}
+
+    best_a, best_score = 0.0, -np.inf
     for a in mix:
-        cand = copy.deepcopy(base)
-        cand.load_state_dict({k: (1 - a) * g[k] + a * t[k] if g[k].is_floating_point() else g[k] for k in g})
-        score = ips_click_dcg(score_slates(cand, val, data.table), val, props)
+        tuned.load_state_dict(mixed(a))  # `tuned` is scratch from here on; g and t are detached copies
+        score = ips_click_dcg(score_slates(tuned, val, data.table), val, props)
         if score > best_score + 1e-9:
-            best, best_score = cand, score
-    return best
+            best_a, best_score = a, score
+    tuned.load_state_dict(mixed(best_a))
+    return tuned
 
 
 def personal_state(model: FusedRankingHead) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ from shared_model.records import (
     PROPENSITY_ETA,
 )
 from shared_model.schema import atomic_write
-from shared_model.training import ranking_metrics, score_slates
+from shared_model.training import evaluate_model
 from simulations.partition import partition_users, user_segments, write_shards
 from simulations.prepare import Prepared, prepare
 
@@ -79,7 +79,7 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
             bar.update(1)
 
     state = run_rounds(grid, strategy, settings, state, out, train_config,
-                       central_eval=lambda m: ranking_metrics(score_slates(m, test, table), test),
+                       central_eval=lambda m: evaluate_model(m, test, table),
                        on_round=on_round)
     if bar is not None:
         bar.close()
