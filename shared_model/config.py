@@ -189,9 +189,80 @@ class PartitionConfig:
     seed: int = 0
 
 
+PRIVACY_MODES = ("none", "server-fixed", "server-adaptive", "client-fixed", "client-adaptive", "local")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Differential privacy. Client-level DP through Flower's strategy wrappers (``server-*`` clip on the server,
+    ``client-*`` clip on the device through Flower's client mods), or local DP on the device (``local``)."""
+
+    mode: str = "none"
+    noise_multiplier: float = 0.0
+    clipping_norm: float = 1.0
+    target_delta: float = 1e-5
+    target_quantile: float = 0.5  # adaptive clipping: quantile of update norms to track
+    clip_lr: float = 0.2  # adaptive clipping: step size of the clipping-norm update
+    clipped_count_stddev: float = 0.0  # adaptive clipping: noise on the clipped-count; 0 = Flower's default
+    local_epsilon: float = 1.0  # local DP: Laplace mechanism epsilon per release
+    local_sensitivity: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.mode not in PRIVACY_MODES:
+            raise ConfigError(f"privacy.mode: {self.mode!r} is not one of {PRIVACY_MODES}")
+        if self.noise_multiplier < 0 or self.clipping_norm <= 0:
+            raise ConfigError("privacy.noise-multiplier must be >= 0 and privacy.clipping-norm > 0")
+        if not 0.0 < self.target_delta < 1.0:
+            raise ConfigError(f"privacy.target-delta: {self.target_delta} not in (0, 1)")
+
+
+@dataclass(frozen=True)
+class SecAggConfig:
+    """Secure aggregation with Flower's SecAgg+ workflow and client mod."""
+
+    enabled: bool = False
+    num_shares: int = 3
+    reconstruction_threshold: int = 2
+    clipping_range: float = 8.0
+    quantization_range: int = 4194304
+    max_weight: float = 10000.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not 1 <= self.reconstruction_threshold <= self.num_shares:
+            raise ConfigError("secagg.reconstruction-threshold must be in [1, secagg.num-shares]")
+
+
+BYZANTINE_ATTACKS = ("sign-flip", "noise", "poisoned-clicks")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Faults injected in simulation: crashes, stragglers and Byzantine devices (chosen per client and round
+    from ``server.seed``, so a run is reproducible). ``max-update-norm`` (0 = off) is the server's norm bound."""
+
+    crash_prob: float = 0.0
+    straggler_prob: float = 0.0
+    straggler_delay: float = 0.0
+    byzantine_fraction: float = 0.0
+    byzantine_attack: str = "sign-flip"
+    byzantine_scale: float = 5.0
+    max_update_norm: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("crash_prob", "straggler_prob", "byzantine_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v <= 1.0:
+                raise ConfigError(f"faults.{name.replace('_', '-')}: {v} not in [0, 1]")
+        if self.byzantine_attack not in BYZANTINE_ATTACKS:
+            raise ConfigError(f"faults.byzantine-attack: {self.byzantine_attack!r} is not one of {BYZANTINE_ATTACKS}")
+        if self.straggler_delay < 0 or self.max_update_norm < 0:
+            raise ConfigError("faults.straggler-delay and faults.max-update-norm must be >= 0")
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
     "strategy": StrategyConfig, "server": ServerConfig, "partition": PartitionConfig,
+    "privacy": PrivacyConfig, "secagg": SecAggConfig, "faults": FaultConfig,
 }
 
 
@@ -205,6 +276,9 @@ class RunSettings:
     strategy: StrategyConfig
     server: ServerConfig
     partition: PartitionConfig
+    privacy: PrivacyConfig
+    secagg: SecAggConfig
+    faults: FaultConfig
 
     def to_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
