@@ -11,6 +11,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client.local import load_device_data, local_evaluate, local_train, personal_state, personalize
+from client.mods import client_mods
 from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
 from shared_model.head import build_head
 from shared_model.records import (
@@ -47,7 +48,7 @@ def _personal(context: Context) -> dict[str, torch.Tensor] | None:
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     overrides = dict(overrides or {})
-    app = ClientApp()
+    app = ClientApp(mods=client_mods())
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
