@@ -10,6 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from client.faults import maybe_poison
 from client.local import load_device_data, local_evaluate, local_train, personal_state, personalize
 from client.mods import client_mods
 from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
@@ -48,7 +49,7 @@ def _personal(context: Context) -> dict[str, torch.Tensor] | None:
 
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     overrides = dict(overrides or {})
-    app = ClientApp(mods=client_mods())
+    app = ClientApp(mods=client_mods(overrides))
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -58,6 +59,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         pid = int(context.node_config.get("partition-id", 0))
         torch.manual_seed(s.server.seed * 7919 + rnd * 104_729 + pid)
         data = load_device_data(s, dict(context.node_config))
+        data = maybe_poison(s, context.node_config, data)  # faults.byzantine-attack = "poisoned-clicks"
         model = build_head(s.model)
         model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
         if s.model.personal_layers and (mine := _personal(context)):
@@ -67,7 +69,9 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         if s.model.personal_layers:
             context.state[PERSONAL_STATE] = ArrayRecord(personal_state(model))
         metrics = {NUM_EXAMPLES: len(data.train), TRAIN_LOSS: stats["train_loss"], NUM_STEPS: stats["num_steps"]}
-        content = RecordDict({ARRAYS: ArrayRecord(model.state_dict()), METRICS: MetricRecord(metrics)})
+        shared = model.shared_state_keys()  # personal layers (model.personal-layers) never leave the device
+        state = {k: v for k, v in model.state_dict().items() if k in shared}
+        content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
 
     @app.evaluate()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -66,7 +67,9 @@ def personalize(
     """The device's own version of the global head.
 
     Its personal layers replace the global ones; then, with ``finetune_steps > 0``, a copy is fine-tuned on the
-    device's older training sessions and mixed with the global weights, ``(1 - a) * global + a * tuned``, with the
+    device's older training sessions (a few small steps: ``finetune-lr``, ``finetune-batch-size``, and IPS weights
+    clipped at ``finetune-ips-clip``, because one device's propensity weights are far noisier than the pooled
+    ones) and mixed with the global weights, ``(1 - a) * global + a * tuned``, with the
     mix ``a`` (0 allowed: keep the global head) chosen by the counterfactual IPS-DCG@10 of the device's most
     recent 20% training sessions: only the device's own clicks decide.
     """
@@ -80,7 +83,9 @@ def personalize(
     cut = max(1, int(round(n * 0.8)))
     fit, val = data.train.select(np.arange(cut)), data.train.select(np.arange(cut, n))
     tuned = copy.deepcopy(base)
-    train_epochs(tuned, fit, data.table, cfg, props, epochs=10_000, seed=seed, max_steps=cfg.finetune_steps)
+    ft_cfg = dataclasses.replace(cfg, lr=cfg.finetune_lr, batch_size=cfg.finetune_batch_size,
+                                 ips_clip=cfg.finetune_ips_clip)
+    train_epochs(tuned, fit, data.table, ft_cfg, props, epochs=10_000, seed=seed, max_steps=cfg.finetune_steps)
     g = {k: v.clone() for k, v in base.state_dict().items()}
     t = {k: v.clone() for k, v in tuned.state_dict().items()}
 

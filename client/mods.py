@@ -3,11 +3,22 @@ through untouched when its feature is off, so one ClientApp serves every scenari
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from flwr.clientapp.typing import Mod
 
+from client.faults import make_fault_mod
+from client.privacy import make_privacy_mod
+from client.secagg import make_secagg_mod
 
-def client_mods() -> list[Mod]:
+
+def client_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
     """Order matters: secure aggregation must see the final (clipped, noised) update, so it sits outside the
     differential-privacy mods, which sit outside fault injection (a faulty device's update is what gets clipped)."""
     mods: list[Mod] = []
+    mods.append(make_secagg_mod())  # outermost: SecAgg+ messages only (client/secagg.py)
+    mods.append(make_privacy_mod(overrides))  # privacy.mode client-fixed / client-adaptive / local (client/privacy.py)
+    # ``overrides``: the run config `fedrank simulate` hands the ClientApp (run_simulation's Context has none)
+    mods.append(make_fault_mod(overrides))  # innermost: faults (client/faults.py)
     return mods

@@ -104,7 +104,37 @@ def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
     for key in ("files", "components", "tokenizer"):
         if key not in man:
             raise BundleError(MANIFEST, f"missing key {key!r}")
+    _check_manifest_types(man)
     return man
+
+
+def _check_manifest_types(man: dict[str, Any]) -> None:
+    """The structure the runtime indexes into: a wrong type is a BundleError naming the key, not a KeyError."""
+
+    def need(ok: bool, key: str, what: str) -> None:
+        if not ok:
+            raise BundleError(MANIFEST, f"key {key!r} must be {what}")
+
+    files, comps, tok = man["files"], man["components"], man["tokenizer"]
+    need(isinstance(files, dict), "files", "an object of file name -> entry")
+    for name, entry in files.items():
+        need(isinstance(entry, dict) and isinstance(entry.get("sha256"), str), f"files.{name}",
+             "an object with a sha256 string")
+    need(isinstance(comps, dict), "components", "an object of component -> entry")
+    for comp, entry in comps.items():
+        need(isinstance(entry, dict) and isinstance(entry.get("files", {}), dict), f"components.{comp}",
+             "an object with a 'files' object (backend -> file name)")
+        for backend, name in entry.get("files", {}).items():
+            need(name in files, f"components.{comp}.files.{backend}", f"a file listed under 'files' (got {name!r})")
+    need(isinstance(tok, dict) and isinstance(tok.get("file"), str) and isinstance(tok.get("max_length"), int),
+         "tokenizer", "an object with 'file' (string) and 'max_length' (integer)")
+    dims = man.get("dims")
+    need(isinstance(dims, dict) and all(isinstance(dims.get(k), int) for k in ("text", "image")), "dims",
+         "an object with integer 'text' and 'image'")
+    if "catalog" in man:
+        cat = man["catalog"]
+        need(isinstance(cat, dict) and isinstance(cat.get("file"), str) and isinstance(cat.get("item_ids"), list),
+             "catalog", "an object with 'file' (string) and 'item_ids' (list)")
 
 
 def verify_file(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], name: str) -> Path:

@@ -1,7 +1,7 @@
 """``fedrank export``, ``fedrank rerank`` and ``fedrank bench ondevice``: registered by :func:`add_commands`.
 
-Handlers parse arguments, call the library and print for people; they return an exit code (0 ok, 1 a typed
-error reported on stderr, 2 bad usage).
+Handlers parse arguments, call the library and print for people; they return an exit code (0 ok, 1 an exported
+file failed its validation, 2 unusable input or bad usage: one line on stderr naming the file/field).
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ import json
 import sys
 from pathlib import Path
 from typing import Any
+
+from shared_model.cli import EXIT_BAD_INPUT, one_line
 
 
 def add_commands(subparsers: Any) -> None:
@@ -61,15 +63,18 @@ def add_commands(subparsers: Any) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.bundle import ExportOptions, export_from_checkpoint
-    from export.errors import ExportError
+    from export.errors import ExportError, ExportValidationError
 
     try:
         opts = ExportOptions(targets=_split(args.targets), quantize=args.quantize, max_slates=args.max_slates,
                              image_encoder=not args.no_image_encoder, overwrite=args.overwrite)
         man = export_from_checkpoint(args.checkpoint, args.out, catalog=args.catalog, data=args.data, options=opts)
-    except ExportError as e:
-        print(f"fedrank export: error: {e}", file=sys.stderr)
+    except ExportValidationError as e:
+        print(f"fedrank export: error: {one_line(e)}", file=sys.stderr)
         return 1
+    except ExportError as e:
+        print(f"fedrank export: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print_manifest(man, args.out)
     return 0
 
@@ -84,8 +89,8 @@ def cmd_rerank(args: argparse.Namespace) -> int:
         ranked = rr.rerank(args.query, cands, recent, query_image=args.query_image, retrieval_scores=scores,
                            skip_unknown=args.skip_unknown)
     except (BundleError, RerankInputError) as e:
-        print(f"fedrank rerank: error: {e}", file=sys.stderr)
-        return 1
+        print(f"fedrank rerank: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.top > 0:
         ranked = ranked[: args.top]
     if args.json:
@@ -111,8 +116,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         run_ondevice(args.bundle, checkpoint=args.checkpoint, iters=args.iters, warmup=args.warmup,
                      backends=_split(args.backends), out=args.out)
     except (BundleError, FileNotFoundError) as e:
-        print(f"fedrank bench: error: {e}", file=sys.stderr)
-        return 1
+        print(f"fedrank bench: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     return 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from server.strategies import restore_strategy_state, strategy_state
+from server import privacy
+from server.secagg import secagg_train_round
+from server.strategies import base_strategy, restore_strategy_state, strategy_state
 from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import RunSettings
@@ -64,6 +66,38 @@ def _message_bytes(msgs: list[Message]) -> int:
     return total
 
 
+def this_round_replies(sent: list[Message], replies: Iterable[Message]) -> tuple[list[Message], int]:
+    """The replies to ``sent`` (at most one per message), and how many others were dropped.
+
+    Flower's grids pull replies by the ids of the messages just pushed (``send_and_receive`` of the in-memory
+    and gRPC grids), so a straggler's reply to an earlier round, arriving after that round's timeout, stays
+    unread in the SuperLink; this keeps that guarantee for any grid: a reply that answers no message of this
+    round is never aggregated into it.
+    """
+    replies = list(replies)
+    wanted = {m.metadata.message_id for m in sent}
+    fresh: list[Message] = []
+    seen: set[str] = set()
+    for r in replies:
+        rid = r.metadata.reply_to_message_id
+        if rid in wanted and (rid not in seen or rid == ""):  # "": a test grid that assigns no message ids
+            seen.add(rid)
+            fresh.append(r)
+    stale = len(replies) - len(fresh)
+    if stale:
+        log.warning("dropped %d replies that answer no message of this round (late or duplicate)", stale)
+    return fresh, stale
+
+
+def merge_arrays(current: ArrayRecord, update: ArrayRecord) -> ArrayRecord:
+    """``current`` with the arrays in ``update`` replaced (all of them, or only the shared ones under FedPer)."""
+    if set(update.keys()) == set(current.keys()):
+        return update
+    merged = dict(current.items())
+    merged.update(update.items())
+    return ArrayRecord({k: merged[k] for k in current.keys()})
+
+
 def init_state(settings: RunSettings, out_dir: Path, strategy: Strategy, resume: bool) -> LoopState:
     """Fresh initial head, or the last checkpoint in ``out_dir`` when resuming (same run config required)."""
     last = out_dir / LAST
@@ -96,29 +130,39 @@ def run_rounds(
     """Run rounds ``state.start_round .. server.num-rounds``; checkpoint after each one."""
     cfg = settings.server
     ckpt_dir = out_dir / "checkpoints"
+    shared = set(build_head(settings.model).shared_state_keys())
     for rnd in range(state.start_round, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         random.seed(cfg.seed * 100_003 + rnd)  # Flower's samplers draw from `random`
-        reference = {k: v.numpy() for k, v in state.arrays.items()}
-        out_msgs = list(strategy.configure_train(rnd, state.arrays, ConfigRecord(dict(train_config)), grid))
-        replies = list(grid.send_and_receive(out_msgs, timeout=cfg.round_timeout))
-        screened = screen_replies(replies, reference, max_norm=max_update_norm)
-        timeouts = len(out_msgs) - len(replies)
-        record: dict[str, Any] = {
-            "round": rnd, "sampled": len(out_msgs), "replied": len(replies), "accepted": len(screened.accepted),
-            "failures": len(screened.failed), "timeouts": timeouts, "rejected": len(screened.rejected),
-            "rejected_reasons": screened.rejected,
-            "bytes_sent": _message_bytes(out_msgs), "bytes_received": _message_bytes(replies),
-        }
-        if len(screened.accepted) >= max(1, strategy.min_train_nodes):
-            agg_arrays, agg_metrics = strategy.aggregate_train(rnd, screened.accepted)
-            if agg_arrays is not None:
-                state.arrays = agg_arrays
-            record["train"] = dict(agg_metrics or {})
+        if settings.secagg.enabled:  # SecAgg+ (server/secagg.py): the server only sees the aggregate
+            agg, record = secagg_train_round(grid, settings, state.arrays, rnd, train_config)
+            state.arrays = agg if agg is not None else state.arrays
         else:
-            log.warning("round %d: only %d usable replies (< min %d); global head unchanged",
-                        rnd, len(screened.accepted), strategy.min_train_nodes)
-            record["train"] = {}
+            # with model.personal-layers, devices keep those layers and send only the shared ones
+            reference = {k: v.numpy() for k, v in state.arrays.items() if k in shared}
+            out_msgs = list(strategy.configure_train(rnd, state.arrays, ConfigRecord(dict(train_config)), grid))
+            replies, stale = this_round_replies(out_msgs, grid.send_and_receive(out_msgs, timeout=cfg.round_timeout))
+            screened = screen_replies(replies, reference, max_norm=max_update_norm)
+            timeouts = len(out_msgs) - len(replies)  # no reply within server.round-timeout
+            record = {
+                "round": rnd, "sampled": len(out_msgs), "replied": len(replies), "accepted": len(screened.accepted),
+                "failures": len(screened.failed), "timeouts": timeouts, "rejected": len(screened.rejected),
+                "rejected_reasons": screened.rejected, "stale": stale,
+                "bytes_sent": _message_bytes(out_msgs), "bytes_received": _message_bytes(replies),
+            }
+            if len(screened.accepted) >= max(1, base_strategy(strategy).min_train_nodes):
+                dp = privacy.before_aggregate(strategy, screened.accepted)  # None without a DP wrapper
+                agg_arrays, agg_metrics = strategy.aggregate_train(rnd, screened.accepted)
+                if agg_arrays is not None:
+                    state.arrays = merge_arrays(state.arrays, agg_arrays)
+                record["train"] = dict(agg_metrics or {})
+                if dp is not None:
+                    record["privacy"] = privacy.release_record(strategy, dp, len(out_msgs), len(screened.accepted),
+                                                               agg_arrays is not None)
+            else:
+                log.warning("round %d: only %d usable replies (< min %d); global head unchanged",
+                            rnd, len(screened.accepted), base_strategy(strategy).min_train_nodes)
+                record["train"] = {}
         if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
             record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
                                                   train_config)
@@ -139,7 +183,7 @@ def _federated_eval(
     msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_config)), grid))
     if not msgs:
         return {}
-    replies = list(grid.send_and_receive(msgs, timeout=timeout))
+    replies, _ = this_round_replies(msgs, grid.send_and_receive(msgs, timeout=timeout))
     record["bytes_sent"] += _message_bytes(msgs)
     record["bytes_received"] += _message_bytes(replies)
     screened = screen_replies(replies, {}, is_train=False)

@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from client.local import shard_dir
 from server.loop import LoopState, init_state, run_rounds
+from server.privacy import privacy_report, wrap_strategy
 from server.strategies import build_strategy
 from shared_model.config import RunSettings
 from shared_model.records import (
@@ -67,7 +68,7 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
     prep = ensure_data(settings, progress)
     ensure_shards(prep, settings)
     test, table = prep.slates("test"), prep.table()
-    strategy = build_strategy(settings.strategy)
+    strategy = wrap_strategy(build_strategy(settings.strategy), settings)  # privacy.mode: Flower's DP wrappers
     state = init_state(settings, out, strategy, settings.server.resume)
     train_config = ConfigRecord({PROPENSITY_ETA: float(prep.eta), LOCAL_EPOCHS: settings.train.local_epochs})
     bar = _progress_bar(settings, state, progress)
@@ -80,7 +81,8 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
 
     state = run_rounds(grid, strategy, settings, state, out, train_config,
                        central_eval=lambda m: evaluate_model(m, test, table),
-                       on_round=on_round)
+                       on_round=on_round,
+                       max_update_norm=settings.faults.max_update_norm or None)  # 0 = no norm bound
     if bar is not None:
         bar.close()
     results = build_results(settings, state, prep, time.perf_counter() - t_start)
@@ -114,6 +116,7 @@ def build_results(settings: RunSettings, state: LoopState, prep: Prepared, secon
         "resumed_from_round": state.resumed_from,
         "peak_rss_mb": peak_rss_mb(),
         "references": {},
+        "privacy": privacy_report(settings, rounds),
     }
 
 

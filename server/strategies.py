@@ -51,11 +51,24 @@ def build_strategy(cfg: StrategyConfig) -> fs.Strategy:
     return STRATEGIES[name](**common, **extra)
 
 
+def base_strategy(strategy: fs.Strategy) -> fs.Strategy:
+    """The strategy inside any wrappers (Flower's DP wrappers keep the wrapped one in ``.strategy``)."""
+    while isinstance(getattr(strategy, "strategy", None), fs.Strategy):
+        strategy = strategy.strategy  # type: ignore[attr-defined]
+    return strategy
+
+
 def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:
-    """Server-optimizer state (e.g. FedAdam's moments) as plain numpy, for checkpoints."""
-    state: dict[str, Any] = {"class": type(strategy).__name__}
+    """Server-optimizer state (e.g. FedAdam's moments) as plain numpy, for checkpoints; reaches through DP
+    wrappers, and keeps an adaptive-clipping wrapper's current clipping norm."""
+    inner = base_strategy(strategy)
+    state: dict[str, Any] = {"class": type(inner).__name__}
+    if inner is not strategy:
+        state["wrapper"] = type(strategy).__name__
+        if "Adaptive" in type(strategy).__name__:
+            state["clipping_norm"] = float(strategy.clipping_norm)  # type: ignore[attr-defined]
     for attr in _STATE_ATTRS:
-        value = getattr(strategy, attr, None)
+        value = getattr(inner, attr, None)
         if value is not None:
             # torch tensors, so the checkpoint loads with torch.load(weights_only=True)
             state[attr] = {k: torch.from_numpy(np.array(v)) for k, v in value.items()}
@@ -63,9 +76,12 @@ def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:
 
 
 def restore_strategy_state(strategy: fs.Strategy, state: dict[str, Any]) -> None:
-    if state.get("class") not in (None, type(strategy).__name__):
-        raise ValueError(f"checkpoint holds {state.get('class')} state, but the run uses {type(strategy).__name__}")
+    inner = base_strategy(strategy)
+    if state.get("class") not in (None, type(inner).__name__):
+        raise ValueError(f"checkpoint holds {state.get('class')} state, but the run uses {type(inner).__name__}")
+    if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
+        strategy.clipping_norm = float(state["clipping_norm"])  # type: ignore[attr-defined]
     for attr in _STATE_ATTRS:
         if attr in state:
-            setattr(strategy, attr, {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
-                                     for k, v in state[attr].items()})
+            setattr(inner, attr, {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)
+                                  for k, v in state[attr].items()})

@@ -6,7 +6,7 @@ import logging
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Message, MetricRecord
 
 from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES
 
@@ -31,6 +31,8 @@ def check_update(content_arrays: ArrayRecord, reference: dict[str, np.ndarray], 
         arr = content_arrays[k].numpy()
         if arr.shape != ref.shape:
             return f"wrong shape for {k}: {arr.shape} != {ref.shape}"
+        if arr.dtype.kind != "f":
+            return f"wrong dtype for {k}: {arr.dtype} is not a float dtype"
         if not np.all(np.isfinite(arr)):
             return f"non-finite values in {k}"
         sq += float(np.sum((arr.astype(np.float64) - ref) ** 2))
@@ -56,6 +58,10 @@ def screen_replies(
         if not isinstance(n, int | float) or not np.isfinite(n) or n < 0 or (is_train and n == 0):
             out.rejected.append(f"node {node}: bad {NUM_EXAMPLES}={n!r}")
             continue
+        bad = _non_finite_metrics(content.metric_records[METRICS])
+        if bad:
+            out.rejected.append(f"node {node}: non-finite metric values {bad[:3]}")
+            continue
         if is_train:
             if ARRAYS not in content.array_records:
                 out.rejected.append(f"node {node}: no arrays")
@@ -72,6 +78,15 @@ def screen_replies(
     # stable order, independent of random node ids, so aggregation sums in the same order every run
     out.accepted.sort(key=lambda m: _reply_key(m, is_train))
     return out
+
+
+def _non_finite_metrics(metrics: MetricRecord) -> list[str]:
+    bad = []
+    for k, v in metrics.items():
+        values = v if isinstance(v, list) else [v]
+        if not all(isinstance(x, int | float) and np.isfinite(x) for x in values):
+            bad.append(k)
+    return bad
 
 
 def _reply_key(msg: Message, is_train: bool) -> tuple[float, bytes]:

@@ -18,6 +18,7 @@ os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 
 METRIC_COLUMNS = ("ndcg@10", "mrr", "recall@10")
+EXIT_BAD_INPUT = 2  # what every command returns for input it cannot use (argparse uses 2 for usage errors)
 
 
 def print_table(title: str, rows: dict[str, dict[str, float]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
@@ -237,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub)  # export, rerank, bench
 
+    from deploy.cli import add_commands as add_deploy_commands
+
+    add_deploy_commands(sub)  # deploy certs | up | down | status
+
     d = add("demo", cmd_demo, "the main job on the embedded default data")
     d.add_argument("--data", default="data/default")
     d.add_argument("--out", default="runs/demo")
@@ -255,11 +260,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    from export.errors import ExportError
+
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError, KeyError) as e:
-        print(f"fedrank {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, OSError, KeyError, ExportError) as e:
+        # bad input (config, catalog, logs, judgments, checkpoint, bundle...): one line naming the file/field,
+        # exit 2 like a usage error; the traceback only with --verbose
+        logging.getLogger("fedrank").debug("traceback", exc_info=True)
+        print(f"fedrank {args.command}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+
+
+def one_line(e: BaseException) -> str:
+    """An exception's message on one line (a KeyError's without the quotes str() adds)."""
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or e.__class__.__name__
 
 
 if __name__ == "__main__":

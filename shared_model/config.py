@@ -68,7 +68,10 @@ class TrainConfig:
     batch_size: int = 32
     lr: float = 3e-3
     weight_decay: float = 1e-4
-    finetune_steps: int = 0
+    finetune_steps: int = 0  # on-device personalization: steps of local fine-tuning before evaluation (0 = off)
+    finetune_lr: float = 3e-4
+    finetune_batch_size: int = 16
+    finetune_ips_clip: float = 3.0  # tighter than training's: a single device's IPS weights are high-variance
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.local_epochs < 0 or self.lr <= 0:
@@ -214,6 +217,11 @@ class PrivacyConfig:
             raise ConfigError("privacy.noise-multiplier must be >= 0 and privacy.clipping-norm > 0")
         if not 0.0 < self.target_delta < 1.0:
             raise ConfigError(f"privacy.target-delta: {self.target_delta} not in (0, 1)")
+        if not 0.0 <= self.target_quantile <= 1.0 or self.clip_lr <= 0 or self.clipped_count_stddev < 0:
+            raise ConfigError("privacy.target-quantile must be in [0, 1], privacy.clip-lr > 0 and "
+                              "privacy.clipped-count-stddev >= 0")
+        if self.local_epsilon <= 0 or self.local_sensitivity < 0:
+            raise ConfigError("privacy.local-epsilon must be > 0 and privacy.local-sensitivity >= 0")
 
 
 @dataclass(frozen=True)
@@ -228,8 +236,14 @@ class SecAggConfig:
     max_weight: float = 10000.0
 
     def __post_init__(self) -> None:
-        if self.enabled and not 1 <= self.reconstruction_threshold <= self.num_shares:
-            raise ConfigError("secagg.reconstruction-threshold must be in [1, secagg.num-shares]")
+        # Flower's SecAggPlusWorkflow: an integer num_shares > 2 and 2 <= threshold < num_shares
+        if self.enabled and not (self.num_shares > 2 and 2 <= self.reconstruction_threshold < self.num_shares):
+            raise ConfigError("secagg.num-shares must be > 2 and secagg.reconstruction-threshold in "
+                              "[2, secagg.num-shares)")
+        if self.clipping_range <= 0 or self.quantization_range <= 1 or self.max_weight <= 0:
+            raise ConfigError("secagg.clipping-range, secagg.max-weight must be > 0 and secagg.quantization-range > 1")
+        if self.quantization_range >= 2**32:
+            raise ConfigError("secagg.quantization-range must be below the 2^32 modulus of Flower's SecAgg+")
 
 
 BYZANTINE_ATTACKS = ("sign-flip", "noise", "poisoned-clicks")

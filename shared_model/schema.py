@@ -84,6 +84,14 @@ class Catalog:
         return [it.item_id for it in self.items]
 
 
+class SessionLogError(ValueError):
+    """A session log (``sessions.npz``) is unreadable or inconsistent; names the file and the array (``field``)."""
+
+    def __init__(self, path: str | os.PathLike[str], field: str, reason: str) -> None:
+        self.path, self.field, self.reason = str(path), field, reason
+        super().__init__(f"{self.path}: field '{field}': {reason}")
+
+
 @dataclass
 class SessionLog:
     """Search sessions, ragged by slate.
@@ -148,13 +156,75 @@ class SessionLog:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> SessionLog:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in (*cls.ARRAYS, "queries_json") if k not in z.files]
-            if missing:
-                raise ValueError(f"{path}: not a fedrank session log (missing arrays {missing})")
-            kw = {k: z[k] for k in cls.ARRAYS}
-            queries = json.loads(str(z["queries_json"]))
-        return cls(queries=queries, **kw)
+        """Read and check a log saved by :meth:`save`; :class:`SessionLogError` names the file and the array."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: session log not found")
+        with open(path, "rb") as f:
+            if f.read(2) != b"PK":
+                raise SessionLogError(path, "(file)", "not an .npz file (no zip header)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                missing = [k for k in (*cls.ARRAYS, "queries_json") if k not in z.files]
+                if missing:
+                    raise SessionLogError(path, "(file)", f"not a fedrank session log (missing arrays {missing})")
+                kw = {}
+                for k in (*cls.ARRAYS, "queries_json"):
+                    try:
+                        kw[k] = z[k]
+                    except Exception as e:  # noqa: BLE001 -- zlib/zip/npy errors of all kinds: a corrupt member
+                        raise SessionLogError(path, k, f"unreadable ({e.__class__.__name__}: {e})") from None
+        except SessionLogError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- BadZipFile, pickled data, truncated file...
+            raise SessionLogError(path, "(file)", f"not a readable .npz session log ({e.__class__.__name__}: "
+                                                  f"{e})") from None
+        try:
+            queries = json.loads(str(kw.pop("queries_json")))
+        except json.JSONDecodeError as e:
+            raise SessionLogError(path, "queries_json", f"not valid JSON ({e})") from None
+        if not isinstance(queries, list) or not all(isinstance(q, str) for q in queries):
+            raise SessionLogError(path, "queries_json", "expected a JSON list of query strings")
+        log_ = cls(queries=queries, **kw)
+        log_.validate(str(path))
+        return log_
+
+    def validate(self, source: str = "session log") -> None:
+        """Check shapes, dtypes and index ranges (raises :class:`SessionLogError` naming ``source`` and the array)."""
+        per_session = ("user", "query", "randomized", "timestamp")
+        per_item = ("items", "clicks", "purchases", "prod_rank", "retrieval_score", "grades", "utility")
+        for k in self.ARRAYS:
+            a = getattr(self, k)
+            if not isinstance(a, np.ndarray) or a.ndim != 1:
+                raise SessionLogError(source, k, f"expected a 1-D array, got shape {getattr(a, 'shape', None)}")
+            if a.dtype.kind not in "biuf":
+                raise SessionLogError(source, k, f"expected numbers, got dtype {a.dtype}")
+        n = len(self.user)
+        for k in per_session:
+            if len(getattr(self, k)) != n:
+                raise SessionLogError(source, k, f"{len(getattr(self, k))} entries, but 'user' has {n} sessions")
+        off = self.offsets
+        if len(off) != n + 1:
+            raise SessionLogError(source, "offsets", f"{len(off)} entries, expected sessions + 1 = {n + 1}")
+        for k in ("user", "query", "offsets", "items", "prod_rank"):
+            if getattr(self, k).dtype.kind not in "iu":
+                raise SessionLogError(source, k, f"expected integers, got dtype {getattr(self, k).dtype}")
+        if off[0] != 0 or np.any(np.diff(off) < 0):
+            raise SessionLogError(source, "offsets", "must start at 0 and never decrease")
+        m = int(off[-1])
+        for k in per_item:
+            if len(getattr(self, k)) != m:
+                raise SessionLogError(source, k, f"{len(getattr(self, k))} entries, but offsets[-1] = {m} impressions")
+        if n and (self.query.min() < 0 or self.query.max() >= len(self.queries)):
+            raise SessionLogError(source, "query", f"indices must be in [0, {len(self.queries)}) (the queries list), "
+                                                   f"found {self.query.min()}..{self.query.max()}")
+        if m and self.items.min() < 0:
+            raise SessionLogError(source, "items", f"negative catalog row {self.items.min()}")
+
+    def check_catalog(self, num_items: int, source: str = "session log") -> None:
+        """Every impression must name a row of a catalog of ``num_items`` items."""
+        if len(self.items) and self.items.max() >= num_items:
+            raise SessionLogError(source, "items", f"catalog row {int(self.items.max())} out of range: the catalog "
+                                                   f"has {num_items} items")
 
 
 def atomic_write(path: Path, write: object) -> None:

@@ -20,7 +20,7 @@ from shared_model.head import FusedRankingHead
 from shared_model.schema import Catalog, SessionLog, atomic_write
 from shared_model.training import ranking_metrics, score_slates
 from simulations.baselines import BM25Ranker, CosineRanker
-from simulations.catalog_io import load_catalog, load_judgments
+from simulations.catalog_io import CatalogError, load_catalog, load_judgments
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,12 @@ def evaluate_judgments(
     """Score BM25, cosine and every head; write ``out_dir/results.json`` keyed by ranker name."""
     out_dir = Path(out_dir)
     catalog = load_catalog(catalog_path, skip_bad=skip_bad)
-    judgments = load_judgments(judgments_path, skip_bad=skip_bad)
+    try:  # with the catalog, an unknown item_id is a bad row: named by line (or skipped with skip_bad)
+        judgments = load_judgments(judgments_path, skip_bad=skip_bad, catalog=catalog)
+    except CatalogError as e:
+        if e.field == "item_id" and e.reason.startswith("unknown item_id"):
+            raise JudgmentsError(str(e)) from None
+        raise
     if not judgments:
         raise JudgmentsError(f"{judgments_path}: no judgments")
     bm25 = BM25Ranker([it.text() for it in catalog.items])

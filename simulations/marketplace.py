@@ -278,6 +278,10 @@ PRESETS: dict[str, MarketConfig] = {
     "large": MarketConfig(num_items=20000, num_users=5000, sessions_per_user=100),
     # the default catalog with a fleet of 1,200 shoppers: the 1,000-client federated scenario
     "fleet": MarketConfig(num_items=3000, num_users=1200, sessions_per_user=25),
+    # shoppers with strong individual tastes (far from their segment) and long histories: the personalization
+    # scenario, where a device's own clicks carry signal the population does not
+    "personal": MarketConfig(num_items=1500, num_users=100, sessions_per_user=120, segment_concentration=3.0,
+                             utility_gain=1.5, purchase_utility=1.5),
 }
 
 

@@ -82,6 +82,7 @@ def prepare(data_dir: str | Path, progress: bool = True) -> Prepared:
             raise FileNotFoundError(f"{p}: missing; generate data first (fedrank generate --out {data_dir})")
     catalog = load_catalog(catalog_path)
     log_ = SessionLog.load(sessions_path)
+    log_.check_catalog(len(catalog), str(sessions_path))  # a log from another catalog: fail here, naming the file
     cache = feature_cache_dir(data_dir)
     store = build_feature_store(catalog, cache, progress=progress)
     query_emb = encode_queries(log_.queries, cache, progress=progress)

@@ -374,7 +374,7 @@ def test_cli_export_reports_a_missing_checkpoint(tmp_path: Path, capsys: pytest.
     p = argparse.ArgumentParser()
     add_commands(p.add_subparsers(dest="command"))
     a = p.parse_args(["export", "--checkpoint", str(tmp_path / "none.pt"), "--out", str(tmp_path / "b")])
-    assert a.func(a) == 1
+    assert a.func(a) == 2
     assert "no such checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
 

@@ -360,5 +360,5 @@ def test_cli_rerank_prints_the_slate(built: Any, bundle: Path, tmp_path: Path, c
     out = json.loads(capsys.readouterr().out)
     assert sorted(r["item_id"] for r in out) == sorted(cands)
     a = p.parse_args(["rerank", "--bundle", str(bundle), "--query", "", "--candidates", str(tmp_path / "c.txt")])
-    assert a.func(a) == 1
+    assert a.func(a) == 2
     assert "query: empty query" in capsys.readouterr().err

@@ -1,0 +1,147 @@
+"""``fedrank deploy {certs,up,down,status}``: registered by :func:`add_commands`.
+
+Handlers parse arguments, call :mod:`deploy.cluster` / :mod:`deploy.certs` and print for people; they return
+an exit code (0 ok, 1 a deployment error reported on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+DEFAULT_STATE = "runs/deploy"
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``deploy`` (with its own sub-commands) on an ``argparse`` ``add_subparsers()`` object."""
+    d = subparsers.add_parser(
+        "deploy", help="run the federation on real Flower processes on this machine (TLS, SuperNode auth)",
+        description="A SuperLink and N SuperNodes on loopback with TLS, SuperNode authentication and persistent "
+                    "SuperLink state; then `flwr run . NAME --stream --run-config STATE/run-config.toml`.")
+    d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
+    sub = d.add_subparsers(dest="deploy_command", metavar="{certs,up,down,status}")
+
+    c = sub.add_parser("certs", help="create a private CA and a server certificate for loopback",
+                       description="Write ca.crt, ca.key, server.pem, server.key (existing files are kept).")
+    c.add_argument("--dir", default=f"{DEFAULT_STATE}/certs", help=f"output folder (default {DEFAULT_STATE}/certs)")
+    c.add_argument("--host", action="append", help="a host name or IP address for the server certificate "
+                                                   "(repeatable; default 127.0.0.1, ::1, localhost)")
+    c.add_argument("--days", type=int, default=365)
+    c.add_argument("--overwrite", action="store_true", help="replace existing files")
+    c.set_defaults(func=cmd_certs)
+
+    u = sub.add_parser("up", help="start the SuperLink and one SuperNode per client shard",
+                       description="Prepare the data and shards of the run config, TLS files and node keys; start "
+                                   "flower-superlink and flower-supernode processes; write $FLWR_HOME/config.toml.")
+    _state_opt(u)
+    u.add_argument("--name", default="fedrank", help="SuperLink connection name in $FLWR_HOME/config.toml")
+    u.add_argument("--scenario", help="run-config overrides from simulations/scenarios/NAME.toml (or a .toml path)")
+    u.add_argument("--nodes", type=int, help="number of SuperNodes = partition.num-clients (default: the config's)")
+    u.add_argument("--rounds", type=int, help="server.num-rounds")
+    u.add_argument("--out", help="server.out-dir of the run (made absolute)")
+    u.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a run-config value (repeatable)")
+    u.add_argument("--port", type=int, default=9093, help="SuperLink port, all APIs over TLS (0: a free port)")
+    u.add_argument("--node-port", type=int, help="first SuperNode runtime port, one per node (default: --port + 1; "
+                                                 "0: free ports)")
+    u.add_argument("--flwr-home", help="where the Flower CLI config goes (default $FLWR_HOME, else STATE/flwr-home)")
+    u.add_argument("--certs", help="use the TLS files in this folder (fedrank deploy certs) instead of STATE/certs")
+    u.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every process to come up")
+    u.set_defaults(func=cmd_up)
+
+    dn = sub.add_parser("down", help="stop every process `deploy up` started (safe to call twice)")
+    _state_opt(dn)
+    dn.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    dn.set_defaults(func=cmd_down)
+
+    s = sub.add_parser("status", help="the deployment's processes and whether they run")
+    _state_opt(s)
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+
+
+def _state_opt(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--state", default=DEFAULT_STATE, help=f"deployment state folder (default {DEFAULT_STATE})")
+
+
+def _error(cmd: str, e: Exception) -> int:
+    print(f"fedrank deploy {cmd}: error: {e}", file=sys.stderr)
+    return 1
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from deploy.certs import DEFAULT_HOSTS, CertError, generate_certs, load_cert, san_names
+
+    try:
+        paths = generate_certs(args.dir, hosts=args.host or DEFAULT_HOSTS, days=args.days, overwrite=args.overwrite)
+        names = san_names(load_cert(paths.server_cert))
+    except CertError as e:
+        return _error("certs", e)
+    print(f"CA certificate  {paths.ca_cert}  (give it to clients: --root-certificates / root-certificates)")
+    print(f"server cert     {paths.server_cert}  for {', '.join(names)}")
+    print(f"server key      {paths.server_key}")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from deploy.cluster import DeployError, UpOptions, flwr_run_command, up
+    from shared_model.cli import _parse_sets
+    from shared_model.config import ConfigError
+
+    try:
+        opts = UpOptions(state=Path(args.state), name=args.name, scenario=args.scenario, nodes=args.nodes,
+                         rounds=args.rounds, out=args.out, extra=_parse_sets(args.set), port=args.port,
+                         node_port=args.node_port, flwr_home=Path(args.flwr_home) if args.flwr_home else None,
+                         certs=Path(args.certs) if args.certs else None, timeout=args.timeout)
+        dep = up(opts)
+    except (DeployError, ConfigError) as e:
+        return _error("up", e)
+    print(f"SuperLink {dep.name!r} on https://{dep.address} (TLS, SuperNode authentication, "
+          f"state {Path(args.state) / 'superlink' / 'state.db'})")
+    for p in dep.processes:
+        print(f"  {p['role']:<12} pid {p['pid']:<8} log {p['log']}")
+    for n in dep.nodes:
+        print(f"  supernode-{n['index']}: node id {n['node_id']}, shard {n['shard']}")
+    print(f"Flower CLI config: {dep.flwr_home}/config.toml  [superlink.{dep.name}]")
+    print("Run the federation from the repository root:")
+    print(f"  export FLWR_HOME={dep.flwr_home}")
+    print(f"  {flwr_run_command(dep)}")
+    print(f"Results: {dep.out_dir}/results.json.  Stop: fedrank deploy down --state {args.state}")
+    return 0
+
+
+def cmd_down(args: argparse.Namespace) -> int:
+    from deploy.cluster import DeployError, down
+
+    try:
+        res = down(Path(args.state), grace=args.grace)
+    except DeployError as e:
+        return _error("down", e)
+    if "note" in res:
+        print(f"nothing to stop in {res['state']}: {res['note']}")
+        return 0
+    n = len(res["terminated"]) + len(res["killed"])
+    if n == 0:
+        print(f"deployment {res['name']!r} in {res['state']}: nothing running")
+    else:
+        print(f"deployment {res['name']!r}: stopped {n} processes (SIGTERM {res['terminated']}, "
+              f"SIGKILL {res['killed']})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from deploy.cluster import DeployError, status
+
+    try:
+        st = status(Path(args.state))
+    except DeployError as e:
+        return _error("status", e)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    print(f"deployment {st['name']!r} on {st['address']} (FLWR_HOME {st['flwr_home']})")
+    for p in st["processes"]:
+        print(f"  {p['role']:<12} pid {p['pid']:<8} {'running' if p['running'] else 'stopped':<8} {p['log']}")
+    return 0

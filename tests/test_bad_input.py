@@ -1,0 +1,673 @@
+"""The bad-input matrix: every malformed input gives a typed error naming the file, line or field.
+
+One row per case, grouped by input: catalogs, session logs (``sessions.npz``), relevance judgments, run configs
+and scenario files, checkpoints, exported bundles, and Flower messages (a client reply the server must refuse, a
+train message the client cannot use). Each row asserts the exception type and what the message names. The CLI
+rows run ``fedrank`` itself: exit code 2, one error line on stderr, no traceback, and output files absent (or
+untouched when they existed before the failing command).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+from client.runtime import Reranker
+from client.runtime_bundle import BundleError, read_manifest
+from export.errors import ExportError
+from server.validation import screen_replies
+from shared_model.checkpoint import CheckpointError, load_checkpoint
+from shared_model.cli import main
+from shared_model.config import ConfigError, ModelConfig, load_defaults, merge_overrides, parse_run_config
+from shared_model.head import build_head
+from shared_model.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
+from shared_model.schema import Catalog, CatalogItem, SessionLog, SessionLogError
+from simulations.catalog_io import CatalogError, load_catalog, load_judgments, save_catalog_jsonl
+from simulations.evaluate import JudgmentsError, evaluate_judgments
+
+ROOT = Path(__file__).resolve().parent.parent
+HEADER = "item_id,title,description,category,brand,color,price,rating,image_path,video_frames"
+ROWS = ["a1,red cotton t-shirt,,tshirt,acme,red,10,4.0,,", "a2,blue cotton t-shirt,,tshirt,acme,blue,12,4.5,,",
+        "a3,ceramic coffee mug,,mug,acme,white,8,,,"]
+JUDGMENTS = ["query,item_id,grade", "red t-shirt,a1,3", "red t-shirt,a2,1", "coffee mug,a3,3"]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity() -> None:
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0  # Messages built outside a run
+
+
+@dataclass(frozen=True)
+class Case:
+    """``make(tmp)`` writes the bad input under ``tmp`` and returns the call that must fail with ``exc`` whose
+    message contains every string of ``names`` (the file[:line], the field, the reason)."""
+
+    id: str
+    make: Callable[[Path], Callable[[], object]]
+    exc: type[BaseException]
+    names: tuple[str, ...]
+
+
+# ------------------------------------------------------------------------------------------ writers
+
+
+def _write(path: Path, text: str | bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(text, bytes):
+        path.write_bytes(text)
+    else:
+        path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _csv(tmp: Path, rows: list[str], header: str = HEADER, name: str = "catalog.csv") -> Path:
+    return _write(tmp / name, "\n".join([header, *rows]) + "\n")
+
+
+def _replace(rows: list[str], i: int, row: str) -> list[str]:
+    return [row if k == i else r for k, r in enumerate(rows)]
+
+
+def _jsonl(tmp: Path, lines: list[str], name: str = "catalog.jsonl") -> Path:
+    return _write(tmp / name, "\n".join(lines) + "\n")
+
+
+GOOD_JSONL = [json.dumps({"item_id": "a1", "title": "red cotton t-shirt", "price": 10}),
+              json.dumps({"item_id": "a2", "title": "ceramic coffee mug", "video_frames": ["f0.jpg", "f1.jpg"]})]
+
+
+def _session_log() -> SessionLog:
+    """3 sessions of 3 impressions over a 3-item catalog."""
+    n, s = 3, 3
+    return SessionLog(
+        user=np.array([0, 0, 1], np.int32), query=np.array([0, 1, 0], np.int32), randomized=np.zeros(n, bool),
+        timestamp=np.arange(n, dtype=np.int64), offsets=np.arange(0, n * s + 1, s, dtype=np.int64),
+        items=np.tile(np.arange(s, dtype=np.int32), n), clicks=np.eye(n, s, dtype=np.uint8).ravel(),
+        purchases=np.zeros(n * s, np.uint8), prod_rank=np.tile(np.arange(s, dtype=np.int16), n),
+        retrieval_score=np.zeros(n * s, np.float32), grades=np.ones(n * s, np.uint8),
+        utility=np.zeros(n * s, np.float32), queries=["red t-shirt", "coffee mug"],
+    )
+
+
+def _log_file(tmp: Path, **changes: Any) -> Path:
+    """A saved session log with arrays replaced (``None`` deletes one)."""
+    path = tmp / "sessions.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _session_log().save(path)
+    if changes:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        for k, v in changes.items():
+            if v is None:
+                del arrays[k]
+            else:
+                arrays[k] = v
+        np.savez(path, **arrays)
+    return path
+
+
+def _data_dir(tmp: Path, **log_changes: Any) -> Path:
+    """A data folder (catalog.jsonl + sessions.npz) as ``fedrank generate`` writes it, minus images."""
+    d = tmp / "data"
+    items = [CatalogItem(item_id=f"a{k}", title=t, price=10.0 + k)
+             for k, t in enumerate(["red cotton t-shirt", "blue cotton t-shirt", "ceramic coffee mug"])]
+    save_catalog_jsonl(Catalog(items), _write(d / "catalog.jsonl", ""))
+    _log_file(d, **log_changes)
+    return d
+
+
+def _scenario(tmp: Path, text: str) -> Path:
+    return _write(tmp / "bad.toml", text)
+
+
+def _scenario_config(path: Path) -> Callable[[], object]:
+    from simulations.runner import scenario_config
+
+    return lambda: parse_run_config(scenario_config(str(path)))
+
+
+def _evaluate(tmp: Path, judgments: list[str]) -> Callable[[], object]:
+    cat = _csv(tmp, ROWS)
+    judg = _write(tmp / "judgments.csv", "\n".join(judgments) + "\n")
+    return lambda: evaluate_judgments(cat, judg, {}, tmp / "eval", progress=False)
+
+
+# ------------------------------------------------------------------------------------------ bundles
+
+
+def _bundle_copy(tmp: Path) -> Path:
+    from test_export import tiny_setup  # the module pytest collected: its bundle is built once per session
+
+    dst = tmp / "bundle"
+    shutil.copytree(tiny_setup()[2] / "b", dst)
+    return dst
+
+
+def _manifest(b: Path) -> dict[str, Any]:
+    return json.loads((b / "manifest.json").read_text())
+
+
+def _head_file(b: Path) -> str:
+    return str(_manifest(b)["components"]["head"]["files"]["onnx"])
+
+
+def _edit_manifest(tmp: Path, edit: Callable[[dict[str, Any]], None]) -> Callable[[], object]:
+    b = _bundle_copy(tmp)
+    man = _manifest(b)
+    edit(man)
+    (b / "manifest.json").write_text(json.dumps(man))
+    return lambda: Reranker.load(b, backend="onnx")
+
+
+def _bundle_missing_file(tmp: Path) -> Callable[[], object]:
+    b = _bundle_copy(tmp)
+    (b / _head_file(b)).unlink()
+    return lambda: Reranker.load(b, backend="onnx")
+
+
+def _bundle_corrupt_file(tmp: Path) -> Callable[[], object]:
+    b = _bundle_copy(tmp)
+    data = bytearray((b / _head_file(b)).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (b / _head_file(b)).write_bytes(bytes(data))
+    return lambda: Reranker.load(b, backend="onnx")
+
+
+def _bundle_garbage_catalog(tmp: Path) -> Callable[[], object]:
+    b = _bundle_copy(tmp)
+    (b / "catalog.npz").write_bytes(b"\x00garbage" * 10)
+    return lambda: Reranker.load(b, backend="onnx", verify=False)
+
+
+def _manifest_text(tmp: Path, text: str) -> Callable[[], object]:
+    b = _bundle_copy(tmp)
+    (b / "manifest.json").write_text(text)
+    return lambda: read_manifest(b)
+
+
+def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    def edit(man: dict[str, Any]) -> None:
+        if value is _DELETE:
+            del man[key]
+        else:
+            man[key] = value
+    return edit
+
+
+_DELETE = object()
+
+
+# ------------------------------------------------------------------------------------------ the matrix
+
+
+CASES = [
+    # catalogs ------------------------------------------------------------------------------------------------
+    Case("catalog-missing-title-column", lambda t: lambda: load_catalog(_csv(t, ["a1,x"], header="item_id,name")),
+         CatalogError, ("catalog.csv:1", "field 'title'", "required column missing")),
+    Case("catalog-price-not-a-number", lambda t: lambda: load_catalog(
+        _csv(t, _replace(ROWS, 1, "a2,blue cotton t-shirt,,tshirt,acme,blue,twelve,4.5,,"))),
+         CatalogError, ("catalog.csv:3", "field 'price'", "not a number: 'twelve'")),
+    Case("catalog-negative-price", lambda t: lambda: load_catalog(
+        _csv(t, _replace(ROWS, 2, "a3,ceramic coffee mug,,mug,acme,white,-8,,,"))),
+         CatalogError, ("catalog.csv:4", "field 'price'", "must be >= 0")),
+    Case("catalog-duplicate-item-id", lambda t: lambda: load_catalog(_csv(t, [*ROWS, ROWS[0]])),
+         CatalogError, ("catalog.csv:5", "field 'item_id'", "duplicate item_id 'a1'", "line 2")),
+    Case("catalog-empty-title", lambda t: lambda: load_catalog(
+        _csv(t, _replace(ROWS, 0, "a1,,,tshirt,acme,red,10,4,,"))),
+         CatalogError, ("catalog.csv:2", "field 'title'", "empty")),
+    Case("catalog-wrong-column-count", lambda t: lambda: load_catalog(_csv(t, _replace(ROWS, 1, "a2,blue,x"))),
+         CatalogError, ("catalog.csv:3", "wrong column count")),
+    Case("catalog-jsonl-invalid-json", lambda t: lambda: load_catalog(_jsonl(t, [GOOD_JSONL[0], '{"item_id": "a2",'])),
+         CatalogError, ("catalog.jsonl:2", "field '(json)'", "invalid JSON")),
+    Case("catalog-jsonl-not-an-object", lambda t: lambda: load_catalog(_jsonl(t, [GOOD_JSONL[0], '["a2", "mug"]'])),
+         CatalogError, ("catalog.jsonl:2", "expected a JSON object")),
+    Case("catalog-jsonl-frames-not-a-list", lambda t: lambda: load_catalog(
+        _jsonl(t, [GOOD_JSONL[0], json.dumps({"item_id": "a2", "title": "mug", "video_frames": 3})])),
+         CatalogError, ("catalog.jsonl:2", "field 'video_frames'")),
+    Case("catalog-not-utf8", lambda t: lambda: load_catalog(
+        _write(t / "catalog.csv", (HEADER + "\na1,caf\xe9\n").encode("latin-1"))),
+         CatalogError, ("catalog.csv:2", "(encoding)", "not valid UTF-8")),
+    Case("catalog-unknown-extension", lambda t: lambda: load_catalog(_write(t / "catalog.xlsx", "x")),
+         CatalogError, ("catalog.xlsx", "unknown extension")),
+    Case("catalog-missing-file", lambda t: lambda: load_catalog(t / "nowhere.csv"),
+         CatalogError, ("nowhere.csv", "file not found")),
+    Case("catalog-header-only", lambda t: lambda: load_catalog(_csv(t, [])),
+         CatalogError, ("catalog.csv", "no valid product rows")),
+    # session logs --------------------------------------------------------------------------------------------
+    Case("log-not-an-npz", lambda t: lambda: SessionLog.load(_write(t / "sessions.npz", b"clicks,items\n1,2\n")),
+         SessionLogError, ("sessions.npz", "not an .npz file")),
+    Case("log-truncated", lambda t: lambda: SessionLog.load(
+        _write(t / "s" / "sessions.npz", _log_file(t).read_bytes()[:300])),
+         SessionLogError, ("sessions.npz", "not a readable .npz")),
+    Case("log-missing-array", lambda t: lambda: SessionLog.load(_log_file(t, clicks=None)),
+         SessionLogError, ("sessions.npz", "missing arrays ['clicks']")),
+    Case("log-offsets-length", lambda t: lambda: SessionLog.load(_log_file(t, offsets=np.array([0, 3, 6], np.int64))),
+         SessionLogError, ("sessions.npz", "field 'offsets'", "expected sessions + 1 = 4")),
+    Case("log-offsets-decrease", lambda t: lambda: SessionLog.load(
+        _log_file(t, offsets=np.array([0, 6, 3, 9], np.int64))),
+         SessionLogError, ("sessions.npz", "field 'offsets'", "never decrease")),
+    Case("log-impressions-length", lambda t: lambda: SessionLog.load(_log_file(t, clicks=np.zeros(8, np.uint8))),
+         SessionLogError, ("sessions.npz", "field 'clicks'", "8 entries", "9 impressions")),
+    Case("log-query-index-out-of-range", lambda t: lambda: SessionLog.load(
+        _log_file(t, query=np.array([0, 1, 5], np.int32))),
+         SessionLogError, ("sessions.npz", "field 'query'", "[0, 2)")),
+    Case("log-float-items", lambda t: lambda: SessionLog.load(_log_file(t, items=np.zeros(9, np.float32))),
+         SessionLogError, ("sessions.npz", "field 'items'", "expected integers")),
+    Case("log-queries-not-json", lambda t: lambda: SessionLog.load(_log_file(t, queries_json=np.array("[red"))),
+         SessionLogError, ("sessions.npz", "field 'queries_json'", "not valid JSON")),
+    Case("log-items-outside-the-catalog", lambda t: _prepare(_data_dir(t, items=np.full(9, 7, np.int32))),
+         SessionLogError, ("sessions.npz", "field 'items'", "catalog row 7 out of range", "3 items")),
+    Case("log-missing", lambda t: lambda: SessionLog.load(t / "sessions.npz"),
+         FileNotFoundError, ("sessions.npz", "not found")),
+    # judgments -----------------------------------------------------------------------------------------------
+    Case("judgments-missing-grade-column", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "query,item_id\nq,a1\n")),
+         CatalogError, ("j.csv:1", "field 'grade'", "required column missing")),
+    Case("judgments-grade-not-an-integer", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,high"]))),
+         CatalogError, ("j.csv:5", "field 'grade'", "not an integer grade: 'high'")),
+    Case("judgments-grade-out-of-range", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,9"]))),
+         CatalogError, ("j.csv:5", "field 'grade'", "grade 9 outside 0..4")),
+    Case("judgments-conflicting-grades", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, "red t-shirt,a1,0"]))),
+         CatalogError, ("j.csv:5", "field 'grade'", "conflicting grade", "line 2")),
+    Case("judgments-empty-query", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, ",a1,1"]))),
+         CatalogError, ("j.csv:5", "field 'query'", "empty")),
+    Case("judgments-jsonl-invalid-json", lambda t: lambda: load_judgments(
+        _jsonl(t, ['{"query": "mug", "item_id": "a3", "grade": 3}', "{oops"], name="j.jsonl")),
+         CatalogError, ("j.jsonl:2", "(json)")),
+    Case("judgments-unknown-item", lambda t: _evaluate(t, [*JUDGMENTS[:2], "red t-shirt,zz9,1", *JUDGMENTS[2:]]),
+         JudgmentsError, ("judgments.csv:3", "field 'item_id'", "unknown item_id 'zz9'", "catalog.csv")),
+    Case("judgments-none", lambda t: _evaluate(t, JUDGMENTS[:1]), JudgmentsError, ("judgments.csv", "no judgments")),
+    # configs and scenario files -----------------------------------------------------------------------------
+    Case("scenario-unknown-key", lambda t: _scenario_config(_scenario(t, "[train]\nlearning-rate = 0.1\n")),
+         ConfigError, ("bad.toml", "unknown config key 'train.learning-rate'")),
+    Case("scenario-unknown-section", lambda t: _scenario_config(_scenario(t, "[optimizer]\nlr = 0.1\n")),
+         ConfigError, ("bad.toml", "unknown config key 'optimizer.lr'")),
+    Case("scenario-wrong-type", lambda t: _scenario_config(_scenario(t, '[train]\nlr = "fast"\n')),
+         ConfigError, ("bad.toml", "train.lr expects float", "'fast'")),
+    Case("scenario-list-value", lambda t: _scenario_config(_scenario(t, '[strategy]\nname = ["fedavg"]\n')),
+         ConfigError, ("bad.toml", "strategy.name expects str")),
+    Case("scenario-invalid-toml", lambda t: _scenario_config(_scenario(t, "[train]\nlr = \n")),
+         ConfigError, ("bad.toml", "invalid TOML", "line 2")),
+    Case("scenario-not-found", lambda t: _scenario_config(t / "nosuch.toml"),
+         ConfigError, ("nosuch.toml", "not found", "available", "smoke")),
+    Case("scenario-value-out-of-range", lambda t: _scenario_config(_scenario(t, '[model]\nfusion = "mlp"\n')),
+         ConfigError, ("model.fusion", "'mlp' is not one of",)),
+    Case("run-config-unknown-key", lambda t: lambda: merge_overrides(load_defaults(), {"train.lrate": 0.1},
+                                                                     "run config"),
+         ConfigError, ("run config", "unknown config key 'train.lrate'")),
+    Case("run-config-wrong-type", lambda t: lambda: merge_overrides(load_defaults(), {"server.num-rounds": "3"},
+                                                                    "run config"),
+         ConfigError, ("run config", "server.num-rounds expects int", "'3'")),
+    Case("run-config-unknown-section", lambda t: lambda: parse_run_config({"optim.lr": 0.1}),
+         ConfigError, ("unknown config keys ['optim.lr']",)),
+    Case("run-config-negative-lr", lambda t: lambda: parse_run_config({"train.lr": -1.0}),
+         ConfigError, ("train.lr must be positive",)),
+    Case("set-without-value", lambda t: lambda: _parse_sets(["train.lr"]),
+         ValueError, ("--set 'train.lr'", "KEY=VALUE")),
+    # checkpoints ---------------------------------------------------------------------------------------------
+    Case("checkpoint-garbage", lambda t: lambda: load_checkpoint(_write(t / "head.pt", b"\x00not a checkpoint")),
+         CheckpointError, ("head.pt", "cannot read checkpoint")),
+    Case("checkpoint-foreign", lambda t: lambda: load_checkpoint(_torch_save(t / "head.pt", {"weights": 1})),
+         CheckpointError, ("head.pt", "not a fedrank checkpoint")),
+    Case("checkpoint-missing", lambda t: lambda: load_checkpoint(t / "head.pt"),
+         CheckpointError, ("head.pt", "no such checkpoint")),
+    Case("export-from-garbage-checkpoint", lambda t: _export(_write(t / "head.pt", b"junk"), t / "bundle"),
+         ExportError, ("head.pt", "cannot read checkpoint")),
+    # bundles -------------------------------------------------------------------------------------------------
+    Case("bundle-no-directory", lambda t: lambda: Reranker.load(t / "nothing"),
+         BundleError, ("nothing", "no such bundle")),
+    Case("bundle-no-manifest", lambda t: lambda: read_manifest(_write(t / "b" / "x.txt", "").parent),
+         BundleError, ("manifest.json", "cannot read the manifest")),
+    Case("bundle-manifest-not-json", lambda t: _manifest_text(t, "{format: fedrank"),
+         BundleError, ("manifest.json", "not valid JSON")),
+    Case("bundle-manifest-other-format", lambda t: _edit_manifest(t, _set("format", "onnx-zoo")),
+         BundleError, ("manifest.json", "not a fedrank-bundle manifest")),
+    Case("bundle-manifest-future-version", lambda t: _edit_manifest(t, _set("format_version", 99)),
+         BundleError, ("manifest.json", "version 99 is not supported")),
+    Case("bundle-manifest-missing-key", lambda t: _edit_manifest(t, _set("files", _DELETE)),
+         BundleError, ("manifest.json", "missing key 'files'")),
+    Case("bundle-manifest-files-not-an-object", lambda t: _edit_manifest(t, _set("files", ["head.int8.onnx"])),
+         BundleError, ("manifest.json", "key 'files' must be")),
+    Case("bundle-manifest-tokenizer-without-file", lambda t: _edit_manifest(t, _set("tokenizer", {"max_length": 64})),
+         BundleError, ("manifest.json", "key 'tokenizer' must be", "'file'")),
+    Case("bundle-manifest-unlisted-file", lambda t: _edit_manifest(
+        t, lambda m: m["components"]["head"]["files"].update(onnx="head.fp64.onnx")),
+         BundleError, ("manifest.json", "components.head.files.onnx", "'head.fp64.onnx'")),
+    Case("bundle-file-missing", _bundle_missing_file, BundleError, ("head.", ".onnx: missing from the bundle")),
+    Case("bundle-file-corrupt", _bundle_corrupt_file, BundleError, ("head.", ".onnx: sha256 mismatch")),
+    Case("bundle-catalog-garbage-unverified", _bundle_garbage_catalog, BundleError,
+         ("catalog.npz", "cannot read the catalog")),
+]
+
+
+def _prepare(data_dir: Path) -> Callable[[], object]:
+    from simulations.prepare import prepare
+
+    return lambda: prepare(data_dir, progress=False)
+
+
+def _parse_sets(items: list[str]) -> Any:
+    from shared_model.cli import _parse_sets as parse
+
+    return parse(items)
+
+
+def _torch_save(path: Path, obj: object) -> Path:
+    torch.save(obj, path)
+    return path
+
+
+def _export(checkpoint: Path, out: Path) -> Callable[[], object]:
+    from export.bundle import export_from_checkpoint
+
+    return lambda: export_from_checkpoint(checkpoint, out)
+
+
+def test_case_ids_are_unique() -> None:
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_raises_a_typed_error_naming_the_place(case: Case, tmp_path: Path) -> None:
+    # Prepare
+    call = case.make(tmp_path)
+    # Execute
+    with pytest.raises(case.exc) as info:
+        call()
+    # Assert: the type exactly (not a broader parent), and every name in the message
+    assert type(info.value) is case.exc, f"{type(info.value).__name__}: {info.value}"
+    message = str(info.value)
+    missing = [n for n in case.names if n not in message]
+    assert not missing, f"message {message!r} lacks {missing}"
+
+
+def test_nothing_is_written_when_judgments_are_bad(tmp_path: Path) -> None:
+    call = _evaluate(tmp_path, [*JUDGMENTS, "coffee mug,a1,high"])
+    with pytest.raises(CatalogError):
+        call()
+    assert not (tmp_path / "eval").exists()
+
+
+def test_skip_bad_skips_unknown_judged_items(tmp_path: Path) -> None:
+    # with --skip-bad, an unknown item is a skipped row, as a malformed one is
+    cat = _csv(tmp_path, ROWS)
+    judg = _write(tmp_path / "judgments.csv", "\n".join([*JUDGMENTS, "red t-shirt,zz9,1"]) + "\n")
+    assert load_judgments(judg, skip_bad=True, catalog=load_catalog(cat)) == [
+        ("red t-shirt", "a1", 3), ("red t-shirt", "a2", 1), ("coffee mug", "a3", 3)]
+
+
+# ------------------------------------------------------------------------------------------ messages: the server
+
+
+REF = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
+NODE = 4242
+
+
+def _reply(arrays: dict[str, np.ndarray] | None = None, metrics: dict[str, Any] | None = None,
+           kind: str = MessageType.TRAIN) -> Message:
+    req = Message(content=RecordDict(), message_type=kind, dst_node_id=NODE)
+    content: dict[str, Any] = {}
+    if arrays is not None:
+        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    if metrics is not None:
+        content[METRICS] = MetricRecord(metrics)
+    return Message(content=RecordDict(content), reply_to=req)
+
+
+GOOD = {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
+
+
+@dataclass(frozen=True)
+class ReplyCase:
+    id: str
+    reply: Callable[[], Message]
+    reason: str
+    is_train: bool = True
+    failed: bool = False  # a client error (counted as a failure), not a refused update
+
+
+REPLY_CASES = [
+    ReplyCase("nan-array", lambda: _reply({**GOOD, "w": np.full((3, 2), np.nan, np.float32)}, {NUM_EXAMPLES: 5}),
+              "non-finite values in w"),
+    ReplyCase("inf-array", lambda: _reply({**GOOD, "b": np.array([np.inf, 0], np.float32)}, {NUM_EXAMPLES: 5}),
+              "non-finite values in b"),
+    ReplyCase("wrong-shape", lambda: _reply({**GOOD, "w": np.ones((2, 3), np.float32)}, {NUM_EXAMPLES: 5}),
+              "wrong shape for w: (2, 3) != (3, 2)"),
+    ReplyCase("missing-key", lambda: _reply({"w": GOOD["w"]}, {NUM_EXAMPLES: 5}), "wrong keys (missing ['b']"),
+    ReplyCase("unexpected-key", lambda: _reply({**GOOD, "clicks": np.ones(3, np.float32)}, {NUM_EXAMPLES: 5}),
+              "unexpected ['clicks']"),
+    ReplyCase("int-dtype", lambda: _reply({**GOOD, "b": np.ones(2, np.int64)}, {NUM_EXAMPLES: 5}),
+              "wrong dtype for b: int64"),
+    ReplyCase("no-arrays", lambda: _reply(None, {NUM_EXAMPLES: 5}), "no arrays"),
+    ReplyCase("negative-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: -3}), "bad num-examples=-3"),
+    ReplyCase("zero-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: 0}), "bad num-examples=0"),
+    ReplyCase("nan-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: float("nan")}), "bad num-examples=nan"),
+    ReplyCase("no-num-examples", lambda: _reply(GOOD, {TRAIN_LOSS: 0.3}), "no 'num-examples' metric"),
+    ReplyCase("no-metrics", lambda: _reply(GOOD, None), "no 'num-examples' metric"),
+    ReplyCase("nan-train-loss", lambda: _reply(GOOD, {NUM_EXAMPLES: 5, TRAIN_LOSS: float("nan")}),
+              "non-finite metric values ['train-loss']"),
+    ReplyCase("eval-nan-metric", lambda: _reply(None, {NUM_EXAMPLES: 5, "ndcg@10-global": float("inf")},
+                                                MessageType.EVALUATE),
+              "non-finite metric values ['ndcg@10-global']", is_train=False),
+    ReplyCase("eval-negative-num-examples", lambda: _reply(None, {NUM_EXAMPLES: -1}, MessageType.EVALUATE),
+              "bad num-examples=-1", is_train=False),
+    ReplyCase("client-error", lambda: Message(Error(code=0, reason="KeyError: 'arrays'"),
+                                              reply_to=Message(RecordDict(), message_type=MessageType.TRAIN,
+                                                               dst_node_id=NODE)),
+              "KeyError: 'arrays'", failed=True),
+]
+
+
+@pytest.mark.parametrize("case", REPLY_CASES, ids=[c.id for c in REPLY_CASES])
+def test_bad_reply_is_refused_and_logged_with_the_reason(case: ReplyCase, caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: one good reply beside the bad one
+    good = _reply(GOOD, {NUM_EXAMPLES: 5}) if case.is_train else _reply(None, {NUM_EXAMPLES: 5}, MessageType.EVALUATE)
+    bad = case.reply()
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="server.validation"):
+        out = screen_replies([good, bad], REF if case.is_train else {}, is_train=case.is_train)
+    # Assert: the good reply alone is aggregated; the bad one is listed and logged with its node and reason
+    assert out.accepted == [good]
+    listed = out.failed if case.failed else out.rejected
+    assert len(listed) == 1 and len(out.failed) + len(out.rejected) == 1
+    assert f"node {bad.metadata.src_node_id}" in listed[0] and case.reason in listed[0], listed
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(case.reason in m and str(bad.metadata.src_node_id) in m for m in logged), logged
+
+
+# ------------------------------------------------------------------------------------------ messages: the client
+
+
+@pytest.fixture
+def client_app(tmp_path: Path) -> Any:
+    from client.client_app import make_client_app
+    from client.local import shard_dir
+    from simulations.partition import partition_users, write_shards
+    from tests.synthetic import synthetic_prepared
+
+    prep = synthetic_prepared(tmp_path / "data")
+    overrides = {"data.dir": str(tmp_path / "data"), "partition.num-clients": 2, "partition.scheme": "iid",
+                 "train.batch-size": 8}
+    settings = parse_run_config(merge_overrides(load_defaults(), overrides))
+    users = np.unique(prep.log.user)
+    write_shards(prep, shard_dir(settings), partition_users(users, np.zeros(len(users), np.int64), "iid", 2))
+    return make_client_app(overrides)
+
+
+def _head_arrays(**change: Any) -> ArrayRecord:
+    state = {k: v.numpy() for k, v in build_head(ModelConfig(), seed=0).state_dict().items()}
+    for k, v in change.items():
+        key = k.replace("__", ".")
+        if v is None:
+            del state[key]
+        else:
+            state[key] = v
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
+
+
+TRAIN_MESSAGE_CASES = [
+    ("no-arrays", lambda: None, KeyError, ("arrays",)),
+    ("missing-key", lambda: _head_arrays(out__bias=None), RuntimeError, ("Missing key(s)", "out.bias")),
+    ("unexpected-key", lambda: _head_arrays(user__history=np.zeros(3, np.float32)), RuntimeError,
+     ("Unexpected key(s)", "user.history")),
+    ("wrong-shape", lambda: _head_arrays(out__bias=np.zeros(2, np.float32)), RuntimeError,
+     ("size mismatch for out.bias",)),
+]
+
+
+@pytest.mark.parametrize(("arrays", "exc", "names"), [c[1:] for c in TRAIN_MESSAGE_CASES],
+                         ids=[c[0] for c in TRAIN_MESSAGE_CASES])
+def test_unusable_train_message_fails_the_client_naming_the_record_or_key(
+    client_app: Any, arrays: Callable[[], ArrayRecord | None], exc: type[BaseException], names: tuple[str, ...],
+) -> None:
+    """The ClientApp raises (Flower turns that into an error reply, which the server counts as a failure with this
+    text as the reason: see the ``client-error`` reply case above)."""
+    content: dict[str, Any] = {CONFIG: ConfigRecord({"server-round": 1, "propensity-eta": 1.0})}
+    if (a := arrays()) is not None:
+        content[ARRAYS] = a
+    msg = Message(content=RecordDict(content), message_type=MessageType.TRAIN, dst_node_id=7)
+    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
+                  run_config={})
+    with pytest.raises(exc) as info:
+        client_app(msg, ctx)
+    assert all(n in str(info.value) for n in names), str(info.value)
+
+
+# ------------------------------------------------------------------------------------------ the CLI
+
+
+@dataclass
+class CliCase:
+    """``make(tmp)`` returns (argv, files that must not exist afterwards, files that must be left untouched)."""
+
+    id: str
+    make: Callable[[Path], tuple[list[str], list[Path], list[Path]]]
+    names: tuple[str, ...]
+
+
+def _cli_generate(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    cat = _csv(t, _replace(ROWS, 1, "a2,blue cotton t-shirt,,tshirt,acme,blue,twelve,4.5,,"))
+    out = t / "market"
+    meta = _write(out / "meta.json", '{"from": "an earlier run"}')  # an existing folder stays as it was
+    return ["generate", "--catalog", str(cat), "--out", str(out), "--preset", "tiny"], [out / "sessions.npz"], [meta]
+
+
+def _cli_train(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    d = _data_dir(t)
+    _write(d / "sessions.npz", _log_file(t / "x").read_bytes()[:200])
+    return ["train", "--data", str(d), "--out", str(t / "run")], [t / "run", d / "propensity.json"], []
+
+
+def _cli_evaluate(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    cat = _csv(t, ROWS)
+    judg = _write(t / "judgments.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,9"]) + "\n")
+    res = _write(t / "eval" / "results.json", '{"rankers": {}}')
+    return (["evaluate", "--catalog", str(cat), "--judgments", str(judg), "--out", str(t / "eval")],
+            [t / "eval" / "cache"], [res])
+
+
+def _cli_evaluate_checkpoint(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    ckpt = _write(t / "garbage.pt", b"PK\x03\x04 not really")
+    return ["evaluate", "--checkpoint", str(ckpt), "--data", str(t / "data"), "--out", str(t / "ev")], [t / "ev"], []
+
+
+def _cli_simulate(text: str, *extra: str) -> Callable[[Path], tuple[list[str], list[Path], list[Path]]]:
+    def make(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+        path = _scenario(t, text)
+        return ["simulate", "--scenario", str(path), "--out", str(t / "run"), *extra], [t / "run"], []
+    return make
+
+
+def _cli_resume(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    (t / "run").mkdir()
+    return ["simulate", "--resume", str(t / "run")], [t / "run" / "results.json"], []
+
+
+def _cli_export(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    ckpt = _write(t / "head.pt", b"junk")
+    return ["export", "--checkpoint", str(ckpt), "--out", str(t / "bundle")], [t / "bundle"], []
+
+
+def _cli_rerank(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    b = _bundle_copy(t)
+    (b / _head_file(b)).unlink()
+    cands = _write(t / "c.txt", "i1\ni2\n")
+    return ["rerank", "--bundle", str(b), "--query", "red shirt", "--candidates", str(cands)], [], [cands]
+
+
+def _cli_rerank_candidates(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    return ["rerank", "--bundle", str(t), "--query", "q", "--candidates", str(t / "nope.txt")], [], []
+
+
+CLI_CASES = [
+    CliCase("generate-bad-catalog", _cli_generate, ("catalog.csv:3", "field 'price'")),
+    CliCase("train-truncated-log", _cli_train, ("sessions.npz", "not a readable .npz")),
+    CliCase("evaluate-bad-judgments", _cli_evaluate, ("judgments.csv:5", "field 'grade'")),
+    CliCase("evaluate-garbage-checkpoint", _cli_evaluate_checkpoint, ("garbage.pt", "cannot read checkpoint")),
+    CliCase("simulate-unknown-key", _cli_simulate("[train]\nlearning-rate = 0.1\n"),
+            ("bad.toml", "train.learning-rate")),
+    CliCase("simulate-invalid-toml", _cli_simulate("[train\n"), ("bad.toml", "invalid TOML")),
+    CliCase("simulate-set-wrong-type", _cli_simulate("", "--set", "train.lr=fast"),
+            ("command line", "train.lr expects float")),
+    CliCase("simulate-set-without-value", _cli_simulate("", "--set", "train.lr"), ("--set 'train.lr'",)),
+    CliCase("simulate-resume-without-checkpoint", _cli_resume, ("last.pt", "no such checkpoint")),
+    CliCase("export-garbage-checkpoint", _cli_export, ("head.pt", "cannot read checkpoint")),
+    CliCase("rerank-bundle-missing-file", _cli_rerank, ("head.", "missing from the bundle")),
+    CliCase("rerank-no-candidates-file", _cli_rerank_candidates, ("--candidates", "nope.txt")),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_cli_prints_one_line_and_exits_2(case: CliCase, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare
+    argv, absent, intact = case.make(tmp_path)
+    before = {p: p.read_bytes() for p in intact}
+    # Execute
+    rc = main(argv)
+    # Assert
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("fedrank ")]
+    assert rc == 2, err
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert all(n in lines[0] for n in case.names), lines[0]
+    assert not [p for p in absent if p.exists()], "a failing command left output behind"
+    assert {p: p.read_bytes() for p in intact} == before, "a failing command changed an existing file"
+    assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+
+
+def test_fedrank_process_exits_2_without_a_traceback(tmp_path: Path) -> None:
+    """``fedrank``'s main in its own process (what the console script runs)."""
+    bad = _scenario(tmp_path, '[strategy]\nfraction-train = "all"\n')
+    proc = subprocess.run([sys.executable, "-m", "shared_model.cli", "simulate", "--scenario", str(bad)],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"fedrank simulate: error: scenario {bad}: strategy.fraction-train expects float, got 'all'")
