@@ -14,7 +14,7 @@ from client.faults import maybe_poison
 from client.local import load_device_data, local_evaluate, local_train, personal_state, personalize
 from client.mods import client_mods
 from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
-from shared_model.head import build_head
+from shared_model.head import FusedRankingHead, build_head
 from shared_model.records import (
     ARRAYS,
     CONFIG,
@@ -47,6 +47,24 @@ def _personal(context: Context) -> dict[str, torch.Tensor] | None:
     return context.state.array_records[PERSONAL_STATE].to_torch_state_dict()
 
 
+def _global_head(s: RunSettings, msg: Message) -> FusedRankingHead:
+    """The head the server sent, or a clear error naming what is wrong with the message."""
+    if ARRAYS not in msg.content.array_records:
+        raise ValueError(f"{msg.metadata.message_type} message without an '{ARRAYS}' record "
+                         f"(has {sorted(msg.content.array_records.keys())})")
+    model = build_head(s.model)
+    sent = msg.content.array_records[ARRAYS]
+    expected = set(model.state_dict().keys())
+    if set(sent.keys()) != expected:
+        missing, extra = sorted(expected - set(sent.keys())), sorted(set(sent.keys()) - expected)
+        raise ValueError(f"'{ARRAYS}' record does not match the head: missing {missing[:3]}, unexpected {extra[:3]}")
+    try:
+        model.load_state_dict(sent.to_torch_state_dict())
+    except RuntimeError as e:
+        raise ValueError(f"'{ARRAYS}' record does not match the head ({s.model.fusion}): {e}") from e
+    return model
+
+
 def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     overrides = dict(overrides or {})
     app = ClientApp(mods=client_mods(overrides))
@@ -60,8 +78,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         torch.manual_seed(s.server.seed * 7919 + rnd * 104_729 + pid)
         data = load_device_data(s, dict(context.node_config))
         data = maybe_poison(s, context.node_config, data)  # faults.byzantine-attack = "poisoned-clicks"
-        model = build_head(s.model)
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        model = _global_head(s, msg)
         if s.model.personal_layers and (mine := _personal(context)):
             model.load_state_dict(mine, strict=False)
         stats = local_train(model, data, s.train, eta=float(cfg[PROPENSITY_ETA]),
@@ -79,8 +96,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         s = settings_from(context, overrides)
         cfg: ConfigRecord = msg.content[CONFIG]
         data = load_device_data(s, dict(context.node_config))
-        model = build_head(s.model)
-        model.load_state_dict(msg.content[ARRAYS].to_torch_state_dict())
+        model = _global_head(s, msg)
         glob = local_evaluate(model, data)
         mine = personalize(model, data, s.train, float(cfg.get(PROPENSITY_ETA, 1.0)), _personal(context))
         pers = local_evaluate(mine, data)

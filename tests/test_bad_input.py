@@ -533,11 +533,11 @@ def _head_arrays(**change: Any) -> ArrayRecord:
 
 
 TRAIN_MESSAGE_CASES = [
-    ("no-arrays", lambda: None, KeyError, ("arrays",)),
-    ("missing-key", lambda: _head_arrays(out__bias=None), RuntimeError, ("Missing key(s)", "out.bias")),
-    ("unexpected-key", lambda: _head_arrays(user__history=np.zeros(3, np.float32)), RuntimeError,
-     ("Unexpected key(s)", "user.history")),
-    ("wrong-shape", lambda: _head_arrays(out__bias=np.zeros(2, np.float32)), RuntimeError,
+    ("no-arrays", lambda: None, ValueError, ("without an 'arrays' record",)),
+    ("missing-key", lambda: _head_arrays(out__bias=None), ValueError, ("does not match the head", "out.bias")),
+    ("unexpected-key", lambda: _head_arrays(user__history=np.zeros(3, np.float32)), ValueError,
+     ("does not match the head", "user.history")),
+    ("wrong-shape", lambda: _head_arrays(out__bias=np.zeros(2, np.float32)), ValueError,
      ("size mismatch for out.bias",)),
 ]
 
