@@ -161,6 +161,9 @@ class DataConfig:
     preset: str = "default"
 
 
+STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+
+
 @dataclass(frozen=True)
 class StrategyConfig:
     name: str = "fedavg"
@@ -172,6 +175,12 @@ class StrategyConfig:
     server_lr: float = 0.01
     trim_beta: float = 0.2
     num_malicious: int = 0
+
+    def __post_init__(self) -> None:
+        if self.name.lower() not in STRATEGY_NAMES:
+            raise ConfigError(f"strategy.name: {self.name!r} is not one of {STRATEGY_NAMES}")
+        if not 0.0 < self.fraction_train <= 1.0 or not 0.0 <= self.fraction_evaluate <= 1.0:
+            raise ConfigError("strategy.fraction-train must be in (0, 1] and strategy.fraction-evaluate in [0, 1]")
 
 
 @dataclass(frozen=True)

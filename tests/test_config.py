@@ -58,3 +58,19 @@ def test_pyproject_declares_every_run_config_key() -> None:
     flat = parse_run_config(defaults).to_flat()
     assert set(flat) == set(defaults)
     assert flat == {k: (float(v) if isinstance(flat[k], float) else v) for k, v in defaults.items()}
+
+
+def test_strategy_names_match_the_strategies_built_by_the_server() -> None:
+    from server.strategies import STRATEGIES
+    from shared_model.config import STRATEGY_NAMES
+
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)
+
+
+def test_unknown_strategy_is_refused_when_the_config_is_parsed() -> None:
+    import pytest
+
+    from shared_model.config import ConfigError, parse_run_config
+
+    with pytest.raises(ConfigError, match="strategy.name: 'fedsgd'"):
+        parse_run_config({"strategy.name": "fedsgd"})
