@@ -95,7 +95,7 @@ def merge_arrays(current: ArrayRecord, update: ArrayRecord) -> ArrayRecord:
         return update
     merged = dict(current.items())
     merged.update(update.items())
-    return ArrayRecord({k: merged[k] for k in current.keys()})
+    return ArrayRecord({k: merged[k] for k in current})
 
 
 def init_state(settings: RunSettings, out_dir: Path, strategy: Strategy, resume: bool) -> LoopState:

@@ -68,6 +68,11 @@ def num_sampled_clients(settings: RunSettings) -> int:
 def check_privacy_settings(settings: RunSettings) -> None:
     """Refuse combinations whose privacy guarantee would not hold (clear errors naming the keys)."""
     p = settings.privacy
+    if settings.model.personal_layers and (p.mode != "none" or settings.secagg.enabled):
+        # devices then reply with the shared arrays only, while Flower's DP wrappers and mods and SecAgg+ work
+        # on the whole received vs returned set of arrays
+        raise ConfigError("model.personal-layers=true cannot be combined with privacy.mode other than 'none' "
+                          "or with secagg.enabled=true")
     if p.mode == "none":
         return
     if p.mode in CENTRAL_MODES and settings.strategy.name.lower() not in DP_BASE_STRATEGIES:

@@ -156,6 +156,8 @@ def test_wrapper_is_chosen_by_privacy_mode(mode: str, cls: type | None) -> None:
     ({"privacy.mode": "server-adaptive", "privacy.noise-multiplier": 2.0, "partition.num-clients": 20,
       "strategy.fraction-train": 0.5}, "clipped-count"),
     ({"privacy.mode": "bogus"}, "privacy.mode"),
+    ({"privacy.mode": "client-fixed", "model.personal-layers": True}, "personal-layers"),
+    ({"secagg.enabled": True, "model.personal-layers": True}, "personal-layers"),
 ])
 def test_unsound_privacy_settings_are_refused(extra: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
