@@ -156,3 +156,19 @@ def test_round_below_minimum_keeps_global_head(tmp_path: Path) -> None:
     assert state.rounds[0]["failures"] == N_CLIENTS and state.rounds[0]["train"] == {}
     for k, v in before.items():
         np.testing.assert_array_equal(state.arrays[k].numpy(), v)
+
+
+def test_merge_arrays_replaces_only_the_arrays_a_fedper_update_carries() -> None:
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from server.loop import merge_arrays
+
+    current = ArrayRecord({"body.w": Array(np.zeros((2, 2), np.float32)), "out.w": Array(np.ones(3, np.float32))})
+    update = ArrayRecord({"body.w": Array(np.full((2, 2), 5.0, np.float32))})
+    merged = merge_arrays(current, update)
+    assert list(merged.keys()) == ["body.w", "out.w"]
+    np.testing.assert_array_equal(merged["body.w"].numpy(), np.full((2, 2), 5.0))
+    np.testing.assert_array_equal(merged["out.w"].numpy(), np.ones(3))
+    full = ArrayRecord({"body.w": Array(np.ones((2, 2), np.float32)), "out.w": Array(np.zeros(3, np.float32))})
+    assert merge_arrays(current, full) is full
