@@ -3,10 +3,12 @@ ClientApp with that node's Context and returns the replies. End-to-end tests use
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Iterable
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.serde import message_from_proto, message_to_proto
 
 
 class LocalGrid:
@@ -29,4 +31,22 @@ class LocalGrid:
             nid = m.metadata.dst_node_id
             reply = self.app_for(self.pid[nid])(m, self.contexts[nid])
             replies.append(reply)
+        return replies
+
+
+class WireGrid(LocalGrid):
+    """LocalGrid whose messages travel through Flower's protobuf serde both ways, with message ids as Flower's
+    grids assign them; a ClientApp exception becomes an error reply, as in Flower's simulation worker."""
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
+            nid = m.metadata.dst_node_id
+            inbound = message_from_proto(message_to_proto(m))
+            try:
+                reply = self.app_for(self.pid[nid])(inbound, self.contexts[nid])
+            except Exception as e:  # noqa: BLE001 -- what Flower's simulation worker does
+                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=inbound)
+            replies.append(message_from_proto(message_to_proto(reply)))
         return replies

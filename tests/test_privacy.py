@@ -7,14 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.serverapp import strategy as fs
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
@@ -36,7 +34,7 @@ from server.privacy import (
 from server.strategies import base_strategy, build_strategy, restore_strategy_state, strategy_state
 from shared_model.config import ConfigError, RunSettings, load_defaults, merge_overrides, parse_run_config
 from shared_model.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
-from tests.local_grid import LocalGrid
+from tests.local_grid import WireGrid
 
 N = 4
 DELTA = 1e-5
@@ -49,23 +47,6 @@ def _task_identity() -> None:
 
 def settings_with(**extra: object) -> RunSettings:
     return parse_run_config(merge_overrides(load_defaults(), dict(extra)))
-
-
-class WireGrid(LocalGrid):
-    """Messages through Flower's protobuf serde both ways (as a real transport), with message ids."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            nid = m.metadata.dst_node_id
-            inbound = message_from_proto(message_to_proto(m))
-            try:
-                reply = self.app_for(self.pid[nid])(inbound, self.contexts[nid])
-            except Exception as e:  # noqa: BLE001 -- what Flower's simulation worker does
-                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=inbound)
-            replies.append(message_from_proto(message_to_proto(reply)))
-        return replies
 
 
 def delta_for(pid: int, like: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
-from flwr.common.serde import message_from_proto, message_to_proto
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.mods import client_mods
@@ -35,7 +33,7 @@ from server.strategies import build_strategy
 from shared_model.config import ConfigError, RunSettings, load_defaults, merge_overrides, parse_run_config
 from shared_model.head import build_head
 from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES, TRAIN_LOSS
-from tests.local_grid import LocalGrid
+from tests.local_grid import WireGrid
 
 N = 5
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,24 +42,6 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def _task_identity() -> None:
     TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-
-
-class WireGrid(LocalGrid):
-    """LocalGrid whose messages travel through Flower's protobuf serde both ways, with message ids as Flower's
-    grids assign them; a ClientApp exception becomes an error reply, as in Flower's simulation worker."""
-
-    def send_and_receive(self, messages, *, timeout=None):
-        replies = []
-        for m in messages:
-            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())
-            nid = m.metadata.dst_node_id
-            inbound = message_from_proto(message_to_proto(m))
-            try:
-                reply = self.app_for(self.pid[nid])(inbound, self.contexts[nid])
-            except Exception as e:  # noqa: BLE001 -- what Flower's simulation worker does
-                reply = Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=inbound)
-            replies.append(message_from_proto(message_to_proto(reply)))
-        return replies
 
 
 def delta_for(pid: int, like: dict[str, np.ndarray], scale: float = 0.01) -> dict[str, np.ndarray]:
