@@ -24,6 +24,7 @@ from shared_model.records import (
     NDCG_PERSONAL,
     NUM_EXAMPLES,
     NUM_STEPS,
+    PARTITION_ID,
     PERSONAL_STATE,
     PNDCG_GLOBAL,
     PNDCG_PERSONAL,
@@ -90,6 +91,14 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         state = {k: v for k, v in model.state_dict().items() if k in shared}
         content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
         return Message(content=content, reply_to=msg)
+
+    @app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """The partition id this node holds: the server orders node ids by it, so seeded sampling repeats."""
+        if "partition-id" not in context.node_config:
+            raise ValueError("node config has no 'partition-id'")
+        pid = int(context.node_config["partition-id"])  # type: ignore[call-overload]
+        return Message(content=RecordDict({METRICS: MetricRecord({PARTITION_ID: pid})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:

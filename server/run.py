@@ -15,6 +15,7 @@ from flwr.serverapp import Grid
 
 from client.local import shard_dir
 from server.loop import LoopState, init_state, run_rounds
+from server.nodes import PartitionOrderedGrid
 from server.privacy import privacy_report, wrap_strategy
 from server.strategies import build_strategy
 from shared_model.config import RunSettings
@@ -79,6 +80,8 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
                              "ok": f"{rec['accepted']}/{rec['sampled']}"})
             bar.update(1)
 
+    grid = PartitionOrderedGrid(grid)  # seeded sampling picks the same devices in every launch and after resume
+    grid.learn_partitions(timeout=settings.server.round_timeout)
     state = run_rounds(grid, strategy, settings, state, out, train_config,
                        central_eval=lambda m: evaluate_model(m, test, table),
                        on_round=on_round,

@@ -23,3 +23,4 @@ RECALL_GLOBAL = "recall@10-global"
 
 # client context state (stays on the device)
 PERSONAL_STATE = "personal-layers"
+PARTITION_ID = "partition-id"  # a query reply: which shard a node holds (orders node ids for seeded sampling)

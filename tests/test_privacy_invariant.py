@@ -30,7 +30,7 @@ from ray import cloudpickle
 import shared_model.records as records
 from shared_model.config import RunSettings, parse_run_config
 from shared_model.head import PERSONAL_PREFIX, build_head
-from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES
+from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 FLOAT_DTYPES = ("float16", "float32", "float64", "bfloat16")
@@ -133,6 +133,10 @@ def recording_client_app(inner: ClientApp, folder: Path) -> ClientApp:
     def evaluate(msg: Message, context: Context) -> Message:
         return inner(msg, context)
 
+    @outer.query()
+    def query(msg: Message, context: Context) -> Message:
+        return inner(msg, context)
+
     return outer
 
 
@@ -198,8 +202,9 @@ def _check_every_reply(run: tuple[RunSettings, list[tuple[Message, Message]], An
     settings, pairs, prep = run
     n = settings.partition.num_clients
     kinds = [reply.metadata.message_type for _, reply in pairs]
-    # every device trained and evaluated once (one round, fraction 1.0 for both)
+    # every device told its partition id once, trained and evaluated once (one round, fraction 1.0 for both)
     assert kinds.count(MessageType.TRAIN) == n and kinds.count(MessageType.EVALUATE) == n, kinds
+    assert kinds.count(MessageType.QUERY) == n and len(kinds) == 3 * n, kinds
     shapes, forbidden = _head_shapes(settings), _forbidden(prep)
     assert len(forbidden) > 100  # the marketplace's item ids and queries really are checked
     problems = {f"{reply.metadata.message_type} reply of node {inbound.metadata.dst_node_id}":
@@ -208,6 +213,8 @@ def _check_every_reply(run: tuple[RunSettings, list[tuple[Message, Message]], An
     for _, reply in pairs:
         if reply.metadata.message_type == MessageType.TRAIN:
             assert set(reply.content.array_records) == {ARRAYS} and NUM_EXAMPLES in reply.content[METRICS]
+        elif reply.metadata.message_type == MessageType.QUERY:  # one integer: the shard index
+            assert not reply.content.array_records and set(reply.content[METRICS].keys()) == {PARTITION_ID}
         else:  # evaluation replies carry no arrays at all
             assert not reply.content.array_records and NUM_EXAMPLES in reply.content[METRICS]
 

@@ -172,3 +172,41 @@ def test_merge_arrays_replaces_only_the_arrays_a_fedper_update_carries() -> None
     np.testing.assert_array_equal(merged["out.w"].numpy(), np.ones(3))
     full = ArrayRecord({"body.w": Array(np.ones((2, 2), np.float32)), "out.w": Array(np.zeros(3, np.float32))})
     assert merge_arrays(current, full) is full
+
+
+def test_seeded_sampling_picks_the_same_devices_whatever_the_node_ids() -> None:
+    """Node ids are random at each launch; ordered by partition id, a seeded round samples the same devices."""
+    import random
+
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.serverapp.strategy import FedAvg
+
+    from client.client_app import make_client_app
+    from server.nodes import PartitionOrderedGrid
+    from tests.local_grid import LocalGrid
+
+    class ByNodeId(LocalGrid):  # a real grid lists its nodes in no partition order, e.g. by node id
+        def get_node_ids(self):
+            return sorted(self.node_ids)
+
+    app = make_client_app()
+    picked = []
+    for launch in range(3):
+        ids = random.Random(launch).sample(range(1, 10**9), 12)  # fresh random node ids per launch
+        grid = PartitionOrderedGrid(ByNodeId(12, lambda pid: app, node_ids=ids))
+        assert grid.learn_partitions() == {nid: i for i, nid in enumerate(ids)}
+        random.seed(1234)
+        msgs = FedAvg(fraction_train=0.25, min_available_nodes=2).configure_train(
+            1, ArrayRecord(), ConfigRecord(), grid)
+        picked.append(sorted(grid.partition_of[m.metadata.dst_node_id] for m in msgs))
+    assert len(picked[0]) == 3 and picked[0] == picked[1] == picked[2]
+    # without the ordering, the same seed picks other devices when the ids change
+    plain = []
+    for launch in range(3):
+        ids = random.Random(launch).sample(range(1, 10**9), 12)
+        grid0 = ByNodeId(12, lambda pid: app, node_ids=ids)
+        random.seed(1234)
+        msgs = FedAvg(fraction_train=0.25, min_available_nodes=2).configure_train(
+            1, ArrayRecord(), ConfigRecord(), grid0)
+        plain.append(sorted(ids.index(m.metadata.dst_node_id) for m in msgs))
+    assert not plain[0] == plain[1] == plain[2]
