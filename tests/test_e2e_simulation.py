@@ -77,6 +77,19 @@ def test_resume_matches_uninterrupted_run(uninterrupted: tuple[dict, str], tmp_p
         assert res["final"][key] == pytest.approx(full["final"][key], abs=1e-6)
 
 
+def test_resume_with_client_sampling_matches_uninterrupted_run(tmp_path: Path) -> None:
+    """Half the devices per round: node ids are new at every launch, yet the resumed run samples the same devices."""
+    sampled = ("--set", "strategy.fraction-train=0.5", "--set", "strategy.fraction-evaluate=0.0")
+    full_dir, out = tmp_path / "full", tmp_path / "run"
+    _simulate(tmp_path, "--scenario", "smoke", *sampled, "--out", str(full_dir), "--rounds", "3")
+    _simulate(tmp_path, "--scenario", "smoke", *sampled, "--out", str(out), "--rounds", "2")
+    _simulate(tmp_path, "--resume", str(out), "--rounds", "3")
+    full, res = _check_results(full_dir, rounds=3), _check_results(out, rounds=3)
+    assert res["resumed_from_round"] == 2 and [r["sampled"] for r in res["rounds"]] == [5, 5, 5]
+    for a, b in zip(full["rounds"], res["rounds"], strict=True):
+        assert a["central"]["ndcg@10"] == pytest.approx(b["central"]["ndcg@10"], abs=1e-6)
+
+
 def test_smoke_through_flwr_run(tmp_path: Path) -> None:
     # Prepare: a project-local FLWR_HOME with the local simulation SuperLink
     env = _env(tmp_path)
