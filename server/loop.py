@@ -26,7 +26,7 @@ from server.secagg import secagg_train_round
 from server.strategies import base_strategy, restore_strategy_state, strategy_state
 from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
-from shared_model.config import RunSettings
+from shared_model.config import RunSettings, parse_run_config
 from shared_model.head import FusedRankingHead, build_head
 from shared_model.records import (
     METRICS,
@@ -105,7 +105,10 @@ def init_state(settings: RunSettings, out_dir: Path, strategy: Strategy, resume:
         model, payload = load_checkpoint(last)
         saved = payload["run_config"]
         now = settings.to_flat()
-        diff = {k for k in set(saved) | set(now) if k != "server.num-rounds" and saved.get(k) != now.get(k)}
+        # a key the checkpoint predates counts as its default (checkpoints of older versions stay resumable)
+        default = parse_run_config({}).to_flat()
+        diff = {k for k in set(saved) | set(now)
+                if k != "server.num-rounds" and saved.get(k, default.get(k)) != now.get(k)}
         if diff:
             raise ValueError(f"{last}: cannot resume, run config differs in {sorted(diff)}")
         restore_strategy_state(strategy, payload["strategy_state"])

@@ -210,3 +210,23 @@ def test_seeded_sampling_picks_the_same_devices_whatever_the_node_ids() -> None:
             1, ArrayRecord(), ConfigRecord(), grid0)
         plain.append(sorted(ids.index(m.metadata.dst_node_id) for m in msgs))
     assert not plain[0] == plain[1] == plain[2]
+
+
+def test_resume_accepts_a_checkpoint_that_predates_new_config_keys_but_not_a_changed_one(tmp_path) -> None:
+    from flwr.serverapp.strategy import FedAvg
+
+    from server.loop import LAST, init_state
+    from shared_model.checkpoint import load_checkpoint, save_checkpoint
+    from shared_model.config import load_defaults, merge_overrides, parse_run_config
+    from shared_model.head import build_head
+
+    s = parse_run_config(merge_overrides(load_defaults(), {"server.num-rounds": 3}))
+    old_config = {k: v for k, v in s.to_flat().items() if not k.startswith("faults.")}  # written before faults.*
+    save_checkpoint(tmp_path / LAST, build_head(s.model, seed=0), run_config=old_config, round=2,
+                    strategy_state={}, metrics_history=[{"round": 1}, {"round": 2}], seeds={})
+    state = init_state(s, tmp_path, FedAvg(), resume=True)
+    assert state.start_round == 3 and state.resumed_from == 2
+    changed = parse_run_config(merge_overrides(load_defaults(), {"faults.crash-prob": 0.3}))
+    with pytest.raises(ValueError, match=r"cannot resume, run config differs in \['faults.crash-prob'\]"):
+        init_state(changed, tmp_path, FedAvg(), resume=True)
+    assert load_checkpoint(tmp_path / LAST)[1]["round"] == 2  # refused resume leaves the checkpoint as it was
