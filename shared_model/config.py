@@ -8,6 +8,7 @@ app modules only ever sees the dataclasses.
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -116,8 +117,13 @@ def section_to_dataclass(cls: type, section: str, flat: Mapping[str, Any], stric
 
 
 def load_defaults(pyproject: Path | None = None) -> dict[str, Any]:
-    """The run-config defaults declared in ``pyproject.toml`` (``[tool.flwr.app.config]``)."""
-    path = pyproject or REPO_ROOT / "pyproject.toml"
+    """The run-config defaults declared in ``pyproject.toml`` (``[tool.flwr.app.config]``), read once per process
+    and file: the ClientApp and its mods ask for them on every message."""
+    return dict(_read_defaults(pyproject or REPO_ROOT / "pyproject.toml"))
+
+
+@functools.lru_cache(maxsize=8)
+def _read_defaults(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         data = tomllib.load(f)
     return dict(data["tool"]["flwr"]["app"]["config"])
