@@ -52,6 +52,7 @@ from deploy.cluster import (
     write_deployment,
     write_run_config,
 )
+from tests.procs import process_env
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -284,11 +285,7 @@ def test_cli_is_hooked_into_fedrank(tmp_path: Path, capsys: pytest.CaptureFixtur
 # ---------------------------------------------------------------------------- real processes (slow, CI)
 
 def _env(home: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}", "FLWR_HOME": str(home),
-                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1",
-                "HF_HUB_OFFLINE": "1", "FEDRANK_CACHE": str(ROOT / "data" / ".feature-cache")})
-    return env
+    return process_env(home)
 
 
 def _fedrank(args: list[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -14,22 +14,15 @@ from pathlib import Path
 
 import pytest
 
+from tests.procs import process_env, simulate
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{BIN}:{env.get('PATH', '')}",
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "FEDRANK_CACHE": str(ROOT / "data" / ".feature-cache"),
-    })
-    return env
+    return process_env(tmp_path / "flwr-home")
 
 
 def _check_results(out: Path, rounds: int) -> dict:
@@ -43,11 +36,7 @@ def _check_results(out: Path, rounds: int) -> dict:
     return res
 
 
-def _simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(BIN / "fedrank"), "simulate", *args, "--no-reference"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
+_simulate = simulate
 
 
 @pytest.fixture(scope="module")

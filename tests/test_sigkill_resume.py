@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from shared_model.checkpoint import load_checkpoint
+from tests.procs import process_env, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -25,24 +26,11 @@ pytestmark = pytest.mark.slow
 
 
 def _env(tmp_path: Path, tag: str = "") -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{BIN}:{env.get('PATH', '')}",
-        "FLWR_HOME": str(tmp_path / "flwr-home"),
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "FLWR_DISABLE_UPDATE_CHECK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "OMP_WAIT_POLICY": "PASSIVE",
-        "FEDRANK_CACHE": str(ROOT / "data" / ".feature-cache"),
-        "FEDRANK_TEST_TAG": tag,  # inherited by every process of the run (Ray's too): finds orphans
-    })
-    return env
+    # the tag is inherited by every process of the run (Ray's too): finds orphans
+    return process_env(tmp_path / "flwr-home", FEDRANK_TEST_TAG=tag)
 
 
-def _simulate(tmp_path: Path, *args: str) -> None:
-    cmd = [str(BIN / "fedrank"), "simulate", *args, "--no-reference"]
-    proc = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+_simulate = simulate
 
 
 def _tagged(tag: str) -> list[int]:
