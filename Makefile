@@ -26,14 +26,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/fedrank demo
 
-test: $(STAMP)
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# ruff, mypy over the whole tree, and the import-linter contracts (layers, no cycles) in pyproject.toml
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) benchmarks/ondevice.py

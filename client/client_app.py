@@ -13,7 +13,8 @@ from flwr.clientapp import ClientApp
 from client.faults import maybe_poison
 from client.local import load_device_data, local_evaluate, local_train, personal_state, personalize
 from client.mods import client_mods
-from shared_model.config import RunSettings, load_defaults, merge_overrides, parse_run_config
+from client.settings import settings_from
+from shared_model.config import RunSettings
 from shared_model.head import FusedRankingHead, build_head
 from shared_model.records import (
     ARRAYS,
@@ -34,12 +35,6 @@ from shared_model.records import (
     SERVER_ROUND,
     TRAIN_LOSS,
 )
-
-
-def settings_from(context: Context, overrides: Mapping[str, Any]) -> RunSettings:
-    """Run config = pyproject defaults < Flower's run config < programmatic overrides (fedrank simulate)."""
-    flat = merge_overrides(load_defaults(), dict(context.run_config), "run config")
-    return parse_run_config(merge_overrides(flat, overrides, "overrides"))
 
 
 def _personal(context: Context) -> dict[str, torch.Tensor] | None:

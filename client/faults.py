@@ -35,10 +35,11 @@ import torch
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.settings import settings_from
 from shared_model.config import FaultConfig, RunSettings
 from shared_model.data import Slates
 from shared_model.records import ARRAYS, CONFIG, SERVER_ROUND
-from simulations.partition import ClientData
+from shared_model.shards import ClientData
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,6 @@ def make_fault_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
     def fault_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        from client.client_app import settings_from  # here: client_app imports the mods list at import time
-
         s = settings_from(ctxt, overrides)
         f = s.faults
         if not faults_active(f):

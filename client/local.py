@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,28 +11,10 @@ import torch
 from shared_model.config import RunSettings, TrainConfig
 from shared_model.head import PERSONAL_PREFIX, FusedRankingHead
 from shared_model.propensity import power_law_propensities
+from shared_model.shards import ClientData, load_shard, shard_path
 from shared_model.training import evaluate_model, ips_click_dcg, score_slates, train_epochs
-from simulations.partition import ClientData, load_shard
 
 MAX_POSITIONS = 50
-
-
-def shard_dir(settings: RunSettings) -> Path:
-    """Where the simulation keeps one shard per client for this partitioning."""
-    p = settings.partition
-    return Path(settings.data.dir) / "clients" / f"{p.scheme}-{p.num_clients}-a{p.alpha:g}-s{p.seed}"
-
-
-def shard_path(settings: RunSettings, node_config: dict[str, object]) -> Path:
-    """A deployed SuperNode names its shard (``data-shard``); a simulated one maps its partition id."""
-    if "data-shard" in node_config:
-        return Path(str(node_config["data-shard"]))
-    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
-    n = int(node_config.get("num-partitions", settings.partition.num_clients))  # type: ignore[call-overload]
-    if n != settings.partition.num_clients:
-        raise ValueError(f"{n} simulated nodes but partition.num-clients={settings.partition.num_clients}: "
-                         "run with as many nodes as clients")
-    return shard_dir(settings) / f"{pid}.npz"
 
 
 def load_device_data(settings: RunSettings, node_config: dict[str, object]) -> ClientData:

@@ -25,6 +25,8 @@ from flwr.app import Context, Message, MessageType
 from flwr.clientapp.mod import LocalDpMod, adaptiveclipping_mod, fixedclipping_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
+from client.settings import settings_from
+
 
 def make_privacy_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
     """A Flower mod applying the ``privacy.mode`` of the run config (``context.run_config`` merged over pyproject's
@@ -34,8 +36,6 @@ def make_privacy_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
     def privacy_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
         if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
             return call_next(msg, ctxt)
-        from client.client_app import settings_from  # here: client_app imports the mods list at import time
-
         p = settings_from(ctxt, overrides).privacy
         if p.mode == "client-fixed":
             return fixedclipping_mod(msg, ctxt, call_next)

@@ -87,12 +87,12 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 def cmd_up(args: argparse.Namespace) -> int:
     from deploy.cluster import DeployError, UpOptions, flwr_run_command, up
-    from shared_model.cli import _parse_sets
     from shared_model.config import ConfigError
+    from shared_model.console import parse_sets
 
     try:
         opts = UpOptions(state=Path(args.state), name=args.name, scenario=args.scenario, nodes=args.nodes,
-                         rounds=args.rounds, out=args.out, extra=_parse_sets(args.set), port=args.port,
+                         rounds=args.rounds, out=args.out, extra=parse_sets(args.set), port=args.port,
                          node_port=args.node_port, flwr_home=Path(args.flwr_home) if args.flwr_home else None,
                          certs=Path(args.certs) if args.certs else None, timeout=args.timeout)
         dep = up(opts)

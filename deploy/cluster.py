@@ -311,11 +311,9 @@ def resolve_run_config(scenario: str | None = None, nodes: int | None = None, ro
                        base: Path | None = None) -> dict[str, Any]:
     """The flat run config of the deployment: pyproject defaults < scenario < ``extra`` < explicit options.
     ``data.dir`` and ``server.out-dir`` become absolute (the ServerApp runs from the installed app bundle)."""
-    from shared_model.config import load_defaults, load_scenario, merge_overrides, parse_run_config
+    from shared_model.config import parse_run_config, scenario_layer
+    from shared_model.config import resolve_run_config as resolve
 
-    flat = load_defaults()
-    if scenario:
-        flat = merge_overrides(flat, load_scenario(scenario), f"scenario {scenario}")
     cli: dict[str, Any] = dict(extra or {})
     if nodes is not None:
         if nodes < 1:
@@ -325,7 +323,7 @@ def resolve_run_config(scenario: str | None = None, nodes: int | None = None, ro
         cli["server.num-rounds"] = rounds
     if out is not None:
         cli["server.out-dir"] = out
-    flat = merge_overrides(flat, cli, "command line")
+    flat = resolve(*([scenario_layer(scenario)] if scenario else []), ("command line", cli))
     base = base or Path.cwd()
     for key in ("data.dir", "server.out-dir"):
         flat[key] = str((base / str(flat[key])).resolve())
@@ -361,8 +359,9 @@ def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
 
 def prepare_shards(flat: Mapping[str, Any], progress: bool = True) -> list[Path]:
     """Generate/prepare the data folder if needed and write one shard per client; their absolute paths."""
-    from server.run import ensure_data, ensure_shards
     from shared_model.config import parse_run_config
+    from shared_model.shards import ensure_shards
+    from simulations.runner import ensure_data
 
     settings = parse_run_config(flat)
     prep = ensure_data(settings, progress)

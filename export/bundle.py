@@ -97,7 +97,7 @@ class ExportOptions:
 
 @dataclass
 class Sources:
-    """What the bundle is made from. ``prepared`` is a ``simulations.prepare.Prepared`` (or the synthetic one)."""
+    """What the bundle is made from. ``prepared`` is a ``shared_model.prepared.Prepared`` (or the synthetic one)."""
 
     head: FusedRankingHead
     prepared: Any
@@ -118,7 +118,7 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     ``catalog`` when it is a data folder, else from the checkpoint's ``run_config["data.dir"]``.
     """
     from shared_model.checkpoint import CheckpointError, load_checkpoint
-    from simulations.prepare import prepare
+    from shared_model.prepared import prepare
 
     try:
         head, payload = load_checkpoint(checkpoint)
@@ -138,8 +138,8 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
         raise ExportError(f"data folder {data_dir}: {e}") from e
     store = cat = None
     if cat_path is not None and cat_path.is_file():
+        from shared_model.catalog_io import load_catalog
         from shared_model.features import build_feature_store
-        from simulations.catalog_io import load_catalog
 
         cat = load_catalog(cat_path)
         store = build_feature_store(cat, cat_path.parent / "cache", progress=False)

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shared_model.cli import EXIT_BAD_INPUT, one_line
+from shared_model.console import EXIT_BAD_INPUT, one_line
 
 
 def add_commands(subparsers: Any) -> None:

@@ -13,12 +13,13 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
-from client.local import shard_dir
 from server.loop import LoopState, init_state, run_rounds
 from server.nodes import PartitionOrderedGrid
 from server.privacy import privacy_report, wrap_strategy
+from server.report import plot_run
 from server.strategies import build_strategy
 from shared_model.config import RunSettings
+from shared_model.prepared import Prepared, prepare
 from shared_model.records import (
     LOCAL_EPOCHS,
     NDCG_GLOBAL,
@@ -28,30 +29,10 @@ from shared_model.records import (
     PROPENSITY_ETA,
 )
 from shared_model.schema import atomic_write
+from shared_model.shards import ensure_shards
 from shared_model.training import evaluate_model
-from simulations.partition import partition_users, user_segments, write_shards
-from simulations.prepare import Prepared, prepare
 
 log = logging.getLogger(__name__)
-
-
-def ensure_data(settings: RunSettings, progress: bool = True) -> Prepared:
-    """The prepared data folder; the marketplace is generated first if the folder has none."""
-    data_dir = Path(settings.data.dir)
-    if not (data_dir / "sessions.npz").is_file():
-        from simulations.marketplace import generate_marketplace
-
-        log.info("no data in %s: generating the %r marketplace", data_dir, settings.data.preset)
-        generate_marketplace(data_dir, preset=settings.data.preset, seed=settings.data.seed, progress=progress)
-    return prepare(data_dir, progress=progress)
-
-
-def ensure_shards(prep: Prepared, settings: RunSettings) -> list[Path]:
-    """One shard per client (what each device holds), written once per partitioning."""
-    p = settings.partition
-    users = np.unique(prep.log.user)
-    clients = partition_users(users, user_segments(prep.data_dir, users), p.scheme, p.num_clients, p.alpha, p.seed)
-    return write_shards(prep, shard_dir(settings), clients)
 
 
 def peak_rss_mb() -> float:
@@ -66,7 +47,7 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
     t_start = time.perf_counter()
     out = Path(settings.server.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    prep = ensure_data(settings, progress)
+    prep = prepare(settings.data.dir, progress=progress)  # generate it first: fedrank generate / simulate
     ensure_shards(prep, settings)
     test, table = prep.slates("test"), prep.table()
     strategy = wrap_strategy(build_strategy(settings.strategy), settings)  # privacy.mode: Flower's DP wrappers
@@ -126,8 +107,6 @@ def build_results(settings: RunSettings, state: LoopState, prep: Prepared, secon
 def write_results(out: Path, results: dict[str, Any]) -> None:
     atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
     try:
-        from simulations.report import plot_run
-
         plot_run(results, out)
     except Exception as e:  # noqa: BLE001 -- a plot must never lose a finished run's results
         log.warning("plots not written: %s", e)

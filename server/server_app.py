@@ -9,7 +9,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from server.run import run_server
-from shared_model.config import load_defaults, merge_overrides, parse_run_config
+from shared_model.config import resolve_settings
 
 
 def make_server_app(overrides: Mapping[str, Any] | None = None, progress: bool = True) -> ServerApp:
@@ -19,8 +19,7 @@ def make_server_app(overrides: Mapping[str, Any] | None = None, progress: bool =
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        flat = merge_overrides(load_defaults(), dict(context.run_config), "run config")
-        settings = parse_run_config(merge_overrides(flat, overrides, "overrides"))
+        settings = resolve_settings(("run config", context.run_config), ("overrides", overrides))
         run_server(grid, settings, progress=progress)
 
     return app

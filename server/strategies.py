@@ -8,18 +8,10 @@ import numpy as np
 import torch
 from flwr.serverapp import strategy as fs
 
-from shared_model.config import ConfigError, StrategyConfig
+from shared_model.config import STRATEGY_CLASSES, ConfigError, StrategyConfig
 from shared_model.records import ARRAYS, CONFIG, NUM_EXAMPLES
 
-STRATEGIES: dict[str, type[fs.Strategy]] = {
-    "fedavg": fs.FedAvg,
-    "fedprox": fs.FedProx,
-    "fedadam": fs.FedAdam,
-    "fedyogi": fs.FedYogi,
-    "fedmedian": fs.FedMedian,
-    "fedtrimmedavg": fs.FedTrimmedAvg,
-    "krum": fs.Krum,
-}
+STRATEGIES: dict[str, type[fs.Strategy]] = {name: getattr(fs, cls) for name, cls in STRATEGY_CLASSES.items()}
 # server-side optimizer state that must survive a restart (FedOpt family: first and second moments)
 _STATE_ATTRS = ("m_t", "v_t")
 

@@ -167,7 +167,17 @@ class DataConfig:
     preset: str = "default"
 
 
-STRATEGY_NAMES = ("fedavg", "fedprox", "fedadam", "fedyogi", "fedmedian", "fedtrimmedavg", "krum")
+# ``strategy.name`` -> the Flower strategy class (``flwr.serverapp.strategy``) that ``server.strategies`` builds
+STRATEGY_CLASSES = {
+    "fedavg": "FedAvg",
+    "fedprox": "FedProx",
+    "fedadam": "FedAdam",
+    "fedyogi": "FedYogi",
+    "fedmedian": "FedMedian",
+    "fedtrimmedavg": "FedTrimmedAvg",
+    "krum": "Krum",
+}
+STRATEGY_NAMES = tuple(STRATEGY_CLASSES)
 
 
 @dataclass(frozen=True)
@@ -327,6 +337,35 @@ def parse_run_config(flat: Mapping[str, Any]) -> RunSettings:
         raise ConfigError(f"unknown config keys {sorted(unknown)}; sections are {sorted(SECTIONS)}")
     parsed = {name: section_to_dataclass(cls, name, flat) for name, cls in SECTIONS.items()}
     return RunSettings(**parsed)
+
+
+Layer = tuple[str, Mapping[str, Any]]  # (source named in errors, flat overrides)
+
+
+def resolve_run_config(*layers: Layer) -> dict[str, Any]:
+    """The one config resolver: pyproject defaults, then each layer in order (low to high: scenario, Flower's
+    run config, command line / programmatic overrides). Unknown keys and type changes name their layer."""
+    flat = load_defaults()
+    for source, overrides in layers:
+        flat = merge_overrides(flat, overrides, source)
+    return flat
+
+
+def resolve_settings(*layers: Layer) -> RunSettings:
+    """:func:`resolve_run_config` parsed into :class:`RunSettings`, once per process for the same layers: the
+    ClientApp's handlers and its mods all ask on every message and share one frozen object."""
+    key = tuple((source, tuple(sorted(overrides.items()))) for source, overrides in layers)
+    return _settings_cached(key)
+
+
+@functools.lru_cache(maxsize=64)
+def _settings_cached(key: tuple[tuple[str, tuple[tuple[str, Any], ...]], ...]) -> RunSettings:
+    return parse_run_config(resolve_run_config(*((source, dict(items)) for source, items in key)))
+
+
+def scenario_layer(name_or_path: str) -> Layer:
+    """A scenario file as a resolver layer."""
+    return f"scenario {name_or_path}", load_scenario(name_or_path)
 
 
 def load_scenario(name_or_path: str, scenarios_dir: Path | None = None) -> dict[str, Any]:

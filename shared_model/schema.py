@@ -3,7 +3,7 @@
 Two objects travel between the areas of fedrank:
 
 * :class:`Catalog` -- the products (text, attributes, dense fields, optional image and video frames).
-  Its on-disk form is the documented generic catalog format (JSONL or CSV, see ``simulations/catalog_io.py``).
+  Its on-disk form is the documented generic catalog format (JSONL or CSV, see ``shared_model/catalog_io.py``).
 * :class:`SessionLog` -- search sessions: a query, the slate shown (catalog rows in display order),
   clicks and purchases, plus evaluation-only ground truth (graded relevance, personal utility).
   Stored as one ragged ``.npz`` (``offsets`` delimit each session's slate in the flat per-impression arrays).

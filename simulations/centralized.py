@@ -15,10 +15,10 @@ from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import Slates, build_slates, split_by_time
 from shared_model.head import FusedRankingHead, build_head, count_parameters
+from shared_model.prepared import Prepared
 from shared_model.schema import atomic_write
 from shared_model.training import ips_click_dcg, ranking_metrics, score_slates, train_epochs
 from simulations.baselines import BM25Ranker, CosineRanker
-from simulations.prepare import Prepared
 
 log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides

@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+from shared_model.catalog_io import save_catalog_jsonl
 from shared_model.schema import Catalog, CatalogItem, SessionLog, atomic_write
-from simulations.catalog_io import save_catalog_jsonl
 from simulations.render import COLOR_RGB, ItemLook, render_item_files
 
 __all__ = [
@@ -1071,7 +1071,7 @@ def simulate_over_catalog(catalog: Catalog, cfg: MarketConfig, progress: bool = 
     Parameters
     ----------
     catalog : Catalog
-        From :func:`simulations.catalog_io.load_catalog` (images optional).
+        From :func:`shared_model.catalog_io.load_catalog` (images optional).
     cfg : MarketConfig
         Simulation settings.
     progress : bool
@@ -1282,7 +1282,7 @@ def simulate_catalog_dir(
     """
     import hashlib
 
-    from simulations.catalog_io import load_catalog_with_report
+    from shared_model.catalog_io import load_catalog_with_report
 
     cfg = make_config(preset, seed, **overrides)
     src = Path(catalog_path)
@@ -1343,7 +1343,7 @@ def load_marketplace(out_dir: str | os.PathLike[str]) -> tuple[Catalog, SessionL
     FileNotFoundError
         When ``meta.json`` is missing (generation never finished).
     """
-    from simulations.catalog_io import load_catalog
+    from shared_model.catalog_io import load_catalog
 
     out = Path(out_dir)
     meta_path = out / "meta.json"

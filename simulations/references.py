@@ -16,11 +16,11 @@ from tqdm import tqdm
 from client.local import local_evaluate, local_train
 from shared_model.config import RunSettings
 from shared_model.head import build_head
+from shared_model.prepared import Prepared
 from shared_model.schema import atomic_write
+from shared_model.shards import load_shard
 from shared_model.training import evaluate_model
 from simulations.centralized import DEFAULT_EPOCHS, train_central
-from simulations.partition import load_shard
-from simulations.prepare import Prepared
 
 log = logging.getLogger(__name__)
 

@@ -7,23 +7,34 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from shared_model.config import load_defaults, load_scenario, merge_overrides, parse_run_config
+from shared_model.config import RunSettings, parse_run_config, resolve_run_config, scenario_layer
+from shared_model.prepared import Prepared, prepare
 from shared_model.schema import atomic_write
+from shared_model.shards import ensure_shards
+from simulations.marketplace import generate_marketplace
 from simulations.memory import PeakTreeMemory
 
 log = logging.getLogger(__name__)
 
 
+def ensure_data(settings: RunSettings, progress: bool = True) -> Prepared:
+    """The prepared data folder; the marketplace is generated first if the folder has none."""
+    data_dir = Path(settings.data.dir)
+    if not (data_dir / "sessions.npz").is_file():
+        log.info("no data in %s: generating the %r marketplace", data_dir, settings.data.preset)
+        generate_marketplace(data_dir, preset=settings.data.preset, seed=settings.data.seed, progress=progress)
+    return prepare(data_dir, progress=progress)
+
+
 def scenario_config(scenario: str, rounds: int | None = None, out: str | None = None,
                     extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """pyproject defaults < scenario file < command-line values, as one flat run config."""
-    flat = merge_overrides(load_defaults(), load_scenario(scenario), f"scenario {scenario}")
     cli: dict[str, Any] = dict(extra or {})
     if rounds is not None:
         cli["server.num-rounds"] = rounds
     if out is not None:
         cli["server.out-dir"] = out
-    return merge_overrides(flat, cli, "command line")
+    return resolve_run_config(scenario_layer(scenario), ("command line", cli))
 
 
 def simulate(
@@ -46,7 +57,7 @@ def resume_config(run_dir: str | Path, rounds: int | None = None) -> dict[str, A
     from shared_model.checkpoint import load_checkpoint
 
     _, payload = load_checkpoint(Path(run_dir) / LAST)
-    flat = merge_overrides(load_defaults(), payload["run_config"], f"{run_dir}/{LAST}")
+    flat = resolve_run_config((f"{run_dir}/{LAST}", payload["run_config"]))
     flat.update({"server.out-dir": str(run_dir), "server.resume": True})
     if rounds is not None:
         flat["server.num-rounds"] = rounds
@@ -64,7 +75,7 @@ def simulate_config(
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.run import ensure_data, ensure_shards, write_results
+    from server.run import write_results
     from server.server_app import make_server_app
     from simulations.references import centralized_reference, local_only_reference
 

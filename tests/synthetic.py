@@ -9,8 +9,8 @@ import numpy as np
 
 from shared_model.data import split_by_time
 from shared_model.features import FeatureStore
+from shared_model.prepared import Prepared
 from shared_model.schema import Catalog, CatalogItem, SessionLog
-from simulations.prepare import Prepared
 
 
 def synthetic_prepared(tmp: Path, num_items: int = 60, num_users: int = 8, sessions_per_user: int = 6,

@@ -38,14 +38,14 @@ from flwr.supercore.task_identity import TaskIdentity
 from client.runtime import Reranker
 from client.runtime_bundle import BundleError, read_manifest
 from export.errors import ExportError
+from fedrank.cli import main
 from server.validation import screen_replies
+from shared_model.catalog_io import CatalogError, load_catalog, load_judgments, save_catalog_jsonl
 from shared_model.checkpoint import CheckpointError, load_checkpoint
-from shared_model.cli import main
 from shared_model.config import ConfigError, ModelConfig, load_defaults, merge_overrides, parse_run_config
 from shared_model.head import build_head
 from shared_model.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
 from shared_model.schema import Catalog, CatalogItem, SessionLog, SessionLogError
-from simulations.catalog_io import CatalogError, load_catalog, load_judgments, save_catalog_jsonl
 from simulations.evaluate import JudgmentsError, evaluate_judgments
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -368,13 +368,13 @@ CASES = [
 
 
 def _prepare(data_dir: Path) -> Callable[[], object]:
-    from simulations.prepare import prepare
+    from shared_model.prepared import prepare
 
     return lambda: prepare(data_dir, progress=False)
 
 
 def _parse_sets(items: list[str]) -> Any:
-    from shared_model.cli import _parse_sets as parse
+    from shared_model.console import parse_sets as parse
 
     return parse(items)
 
@@ -508,8 +508,7 @@ def test_bad_reply_is_refused_and_logged_with_the_reason(case: ReplyCase, caplog
 @pytest.fixture
 def client_app(tmp_path: Path) -> Any:
     from client.client_app import make_client_app
-    from client.local import shard_dir
-    from simulations.partition import partition_users, write_shards
+    from shared_model.shards import partition_users, shard_dir, write_shards
     from tests.synthetic import synthetic_prepared
 
     prep = synthetic_prepared(tmp_path / "data")
@@ -665,7 +664,7 @@ def test_cli_prints_one_line_and_exits_2(case: CliCase, tmp_path: Path, capsys: 
 def test_fedrank_process_exits_2_without_a_traceback(tmp_path: Path) -> None:
     """``fedrank``'s main in its own process (what the console script runs)."""
     bad = _scenario(tmp_path, '[strategy]\nfraction-train = "all"\n')
-    proc = subprocess.run([sys.executable, "-m", "shared_model.cli", "simulate", "--scenario", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "fedrank.cli", "simulate", "--scenario", str(bad)],
                           capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared_model.schema import Catalog, CatalogItem
-from simulations.catalog_io import (
+from shared_model.catalog_io import (
     CatalogError,
     image_ok,
     load_catalog,
@@ -23,6 +22,7 @@ from simulations.catalog_io import (
     save_catalog_csv,
     save_catalog_jsonl,
 )
+from shared_model.schema import Catalog, CatalogItem
 
 HEADER = "item_id,title,description,category,brand,color,price,rating,image_path,video_frames,pattern"
 GOOD_CSV = [

@@ -10,12 +10,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
-from client.local import shard_dir
 from server.validation import screen_replies
 from shared_model.config import ModelConfig, load_defaults, merge_overrides, parse_run_config
 from shared_model.head import build_head
 from shared_model.records import ARRAYS, CONFIG, METRICS, NDCG_GLOBAL, NDCG_PERSONAL, NUM_EXAMPLES
-from simulations.partition import load_shard, partition_users, write_shards
+from shared_model.shards import load_shard, partition_users, shard_dir, write_shards
 from tests.synthetic import synthetic_prepared
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shared_model.data import build_slates, split_by_time, user_histories
-from simulations.partition import load_shard, partition_users, write_shards
+from shared_model.shards import load_shard, partition_users, write_shards
 from tests.synthetic import synthetic_prepared
 
 

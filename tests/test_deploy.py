@@ -272,7 +272,7 @@ def test_run_config_file_is_what_flwr_run_reads(tmp_path: Path) -> None:
 
 
 def test_cli_is_hooked_into_fedrank(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from shared_model.cli import main
+    from fedrank.cli import main
 
     assert main(["deploy", "down", "--state", str(tmp_path / "none")]) == 0
     assert "nothing to stop" in capsys.readouterr().out

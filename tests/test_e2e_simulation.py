@@ -85,8 +85,11 @@ def test_smoke_through_flwr_run(tmp_path: Path) -> None:
     home = Path(env["FLWR_HOME"])
     home.mkdir(parents=True)
     (home / "config.toml").write_text('[superlink]\ndefault = "local"\n\n[superlink.local]\naddress = ":local:"\n')
-    out = tmp_path / "run"
-    run_config = (f'data.dir="{ROOT / "data" / "tiny"}" data.preset="tiny" partition.num-clients=10 '
+    out, data = tmp_path / "run", ROOT / "data" / "tiny"
+    if not (data / "sessions.npz").is_file():  # the ServerApp trains on a data folder; it does not generate one
+        subprocess.run([str(BIN / "fedrank"), "generate", "--preset", "tiny", "--out", str(data)],
+                       cwd=ROOT, env=env, check=True, capture_output=True, timeout=600)
+    run_config = (f'data.dir="{data}" data.preset="tiny" partition.num-clients=10 '
                   f'server.num-rounds=2 server.out-dir="{out}"')
     cmd = [str(BIN / "flwr"), "run", ".", "local", "--stream", "--run-config", run_config,
            "--federation-config", "num-supernodes=10"]

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from fedrank.cli import main
 from shared_model.checkpoint import save_checkpoint
-from shared_model.cli import main
 from shared_model.config import ModelConfig
 from shared_model.head import build_head
 from simulations.evaluate import JudgmentsError, evaluate_judgments

@@ -26,7 +26,6 @@ from client.faults import (
     poison_clicks,
     sign_flip_update,
 )
-from client.local import shard_dir
 from client.mods import client_mods
 from server.loop import init_state, run_rounds, this_round_replies
 from server.strategies import build_strategy
@@ -35,8 +34,8 @@ from shared_model.config import FaultConfig, load_defaults, merge_overrides, par
 from shared_model.data import Slates
 from shared_model.head import build_head
 from shared_model.records import ARRAYS, CONFIG
+from shared_model.shards import load_shard, partition_users, shard_dir, write_shards
 from shared_model.training import ranking_metrics, score_slates
-from simulations.partition import load_shard, partition_users, write_shards
 from tests.local_grid import LocalGrid
 from tests.synthetic import synthetic_prepared
 

@@ -156,9 +156,9 @@ def _federated_run(tmp: Path, extra: dict[str, Any]) -> tuple[RunSettings, list[
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
-    from server.run import ensure_data, ensure_shards
     from server.server_app import make_server_app
-    from simulations.runner import scenario_config
+    from shared_model.shards import ensure_shards
+    from simulations.runner import ensure_data, scenario_config
 
     cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import this test module
     flat = scenario_config("smoke", rounds=1, out=str(tmp / "run"),

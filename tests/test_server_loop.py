@@ -12,14 +12,13 @@ from flwr.clientapp import ClientApp
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
-from client.local import shard_dir
 from server.loop import LAST, init_state, run_rounds
 from server.strategies import build_strategy
 from shared_model.checkpoint import load_checkpoint
 from shared_model.config import load_defaults, merge_overrides, parse_run_config
 from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES
+from shared_model.shards import partition_users, shard_dir, write_shards
 from shared_model.training import ranking_metrics, score_slates
-from simulations.partition import partition_users, write_shards
 from tests.local_grid import LocalGrid
 from tests.synthetic import synthetic_prepared
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
+from shared_model.catalog_io import load_catalog, load_judgments
 from shared_model.schema import SessionLog
-from simulations.catalog_io import load_catalog, load_judgments
 from simulations.marketplace import (
     FEATURE,
     SYNONYMS,

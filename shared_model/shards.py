@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+from shared_model.config import RunSettings
 from shared_model.data import ItemTable, Slates, build_slates
+from shared_model.prepared import Prepared
 from shared_model.schema import SessionLog, atomic_write
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,32 @@ def partition_users(
         return [np.array(part.load_partition(i)["user"], np.int64) for i in range(num_clients)]
 
 
+def shard_dir(settings: RunSettings) -> Path:
+    """Where the data folder keeps one shard per client for this partitioning."""
+    p = settings.partition
+    return Path(settings.data.dir) / "clients" / f"{p.scheme}-{p.num_clients}-a{p.alpha:g}-s{p.seed}"
+
+
+def shard_path(settings: RunSettings, node_config: dict[str, object]) -> Path:
+    """A deployed SuperNode names its shard (``data-shard``); a simulated one maps its partition id."""
+    if "data-shard" in node_config:
+        return Path(str(node_config["data-shard"]))
+    pid = int(node_config["partition-id"])  # type: ignore[call-overload]
+    n = int(node_config.get("num-partitions", settings.partition.num_clients))  # type: ignore[call-overload]
+    if n != settings.partition.num_clients:
+        raise ValueError(f"{n} simulated nodes but partition.num-clients={settings.partition.num_clients}: "
+                         "run with as many nodes as clients")
+    return shard_dir(settings) / f"{pid}.npz"
+
+
+def ensure_shards(prep: Prepared, settings: RunSettings) -> list[Path]:
+    """One shard per client (what each device holds), written once per partitioning."""
+    p = settings.partition
+    users = np.unique(prep.log.user)
+    clients = partition_users(users, user_segments(prep.data_dir, users), p.scheme, p.num_clients, p.alpha, p.seed)
+    return write_shards(prep, shard_dir(settings), clients)
+
+
 @dataclass
 class ClientData:
     train: Slates
@@ -84,11 +112,8 @@ class ClientData:
     num_users: int
 
 
-def write_shards(prep: object, out_dir: Path, clients: list[np.ndarray]) -> list[Path]:
+def write_shards(prep: Prepared, out_dir: Path, clients: list[np.ndarray]) -> list[Path]:
     """One ``<cid>.npz`` per client in ``out_dir`` (atomic; skipped if the folder is already complete)."""
-    from simulations.prepare import Prepared
-
-    assert isinstance(prep, Prepared)
     done = out_dir / "DONE.json"
     paths = [out_dir / f"{cid}.npz" for cid in range(len(clients))]
     if done.is_file() and json.loads(done.read_text()).get("num_clients") == len(clients):

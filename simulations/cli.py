@@ -1,37 +1,19 @@
-"""``fedrank``: the command-line front door. It parses arguments, calls into the areas, prints for people."""
+"""``fedrank generate | train | baselines | evaluate | simulate | demo``: registered by :func:`add_commands`.
+
+Handlers parse arguments, call the simulator, the centralized trainers and the experiment runner, and print for
+people; they return an exit code (0 ok, 2 unusable input: one line on stderr naming the file/field).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-
-METRIC_COLUMNS = ("ndcg@10", "mrr", "recall@10")
-EXIT_BAD_INPUT = 2  # what every command returns for input it cannot use (argparse uses 2 for usage errors)
-
-
-def print_table(title: str, rows: dict[str, dict[str, float]], columns: Sequence[str] = METRIC_COLUMNS) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title)
-    table.add_column("ranker")
-    for c in columns:
-        table.add_column(c, justify="right")
-    for name, metrics in rows.items():
-        table.add_row(name, *(f"{metrics.get(c, float('nan')):.4f}" for c in columns))
-    Console().print(table)
+from shared_model.console import parse_sets, print_table
 
 
 def _model_and_train_cfg(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -70,9 +52,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from shared_model.checkpoint import save_checkpoint
+    from shared_model.prepared import prepare
     from shared_model.training import evaluate_model
     from simulations.centralized import train_central
-    from simulations.prepare import prepare
 
     prep = prepare(args.data)
     mcfg, tcfg = _model_and_train_cfg(args)
@@ -88,8 +70,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_baselines(args: argparse.Namespace) -> int:
+    from shared_model.prepared import prepare
     from simulations.centralized import run_baselines
-    from simulations.prepare import prepare
 
     prep = prepare(args.data)
     mcfg, tcfg = _model_and_train_cfg(args)
@@ -113,8 +95,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print_table(f"{res['num_queries']} judged queries ({args.judgments})", res["rankers"])
         print(f"results: {Path(args.out) / 'results.json'}")
         return 0
+    from shared_model.prepared import prepare
     from shared_model.schema import atomic_write
-    from simulations.prepare import prepare
 
     prep = prepare(args.data)
     results = evaluate_all(prep, heads)
@@ -125,21 +107,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parse_sets(items: list[str] | None) -> dict[str, Any]:
-    import tomllib
-
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE (e.g. strategy.name=\"fedprox\")")
-        try:
-            out[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            out[key.strip()] = value  # a bare string
-    return out
-
-
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import resume_config, simulate, simulate_config
 
@@ -147,7 +114,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         res = simulate_config(resume_config(args.resume, args.rounds), scenario=f"resumed {args.resume}",
                               local_only=args.local_only, central=not args.no_reference)
     elif args.scenario:
-        res = simulate(args.scenario, rounds=args.rounds, out=args.out, extra=_parse_sets(args.set),
+        res = simulate(args.scenario, rounds=args.rounds, out=args.out, extra=parse_sets(args.set),
                        local_only=args.local_only, central=not args.no_reference)
     else:
         print("fedrank simulate: give --scenario NAME or --resume DIR", file=sys.stderr)
@@ -163,8 +130,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Marketplace -> centralized baselines -> federated simulation -> one comparison table."""
+    from shared_model.prepared import prepare
     from simulations.centralized import run_baselines
-    from simulations.prepare import prepare
     from simulations.runner import simulate
 
     out = Path(args.out)
@@ -185,13 +152,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedrank", description="Federated, on-device, multimodal product reranking.")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+def add_commands(subparsers: Any) -> None:
+    """Register this area's commands on an ``argparse`` ``add_subparsers()`` object."""
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_, description=help_)
+        sp: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_)
         sp.set_defaults(func=fn)
         return sp
 
@@ -234,14 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--local-only", action="store_true", help="also compute the local-only lower bound")
     sm.add_argument("--no-reference", action="store_true", help="skip the centralized upper bound")
 
-    from export.cli import add_commands
-
-    add_commands(sub)  # export, rerank, bench
-
-    from deploy.cli import add_commands as add_deploy_commands
-
-    add_deploy_commands(sub)  # deploy certs | up | down | status
-
     d = add("demo", cmd_demo, "the main job on the embedded default data")
     d.add_argument("--data", default="data/default")
     d.add_argument("--out", default="runs/demo")
@@ -249,34 +206,3 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--epochs", type=int, default=12)
     d.add_argument("--rounds", type=int, help="federated rounds (default: the demo scenario's)")
-    return p
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0
-    from export.errors import ExportError
-
-    try:
-        return int(args.func(args))
-    except (ValueError, OSError, KeyError, ExportError) as e:
-        # bad input (config, catalog, logs, judgments, checkpoint, bundle...): one line naming the file/field,
-        # exit 2 like a usage error; the traceback only with --verbose
-        logging.getLogger("fedrank").debug("traceback", exc_info=True)
-        print(f"fedrank {args.command}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-
-
-def one_line(e: BaseException) -> str:
-    """An exception's message on one line (a KeyError's without the quotes str() adds)."""
-    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or e.__class__.__name__
-
-
-if __name__ == "__main__":
-    sys.exit(main())

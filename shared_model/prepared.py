@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shared_model.catalog_io import load_catalog
 from shared_model.data import ItemTable, Slates, build_slates, split_by_time
 from shared_model.features import FeatureStore, build_feature_store, encode_queries
 from shared_model.propensity import aggregate_position_counts, fit_power_law
 from shared_model.schema import Catalog, SessionLog, atomic_write
-from simulations.catalog_io import load_catalog
 
 log = logging.getLogger(__name__)
 MAX_POSITIONS = 50
