@@ -114,7 +114,7 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     """``fedrank export``: load the head, prepare the data it was trained on, export (see :func:`export_bundle`).
 
     ``catalog`` is a data folder (its feature store is shipped) or a catalog file (CSV/JSONL, embedded through
-    the feature-store cache beside it). Held-out slates for the pipeline check come from ``data``, else from
+    the feature cache of :func:`shared_model.features.feature_cache_dir`). Held-out slates for the pipeline check come from ``data``, else from
     ``catalog`` when it is a data folder, else from the checkpoint's ``run_config["data.dir"]``.
     """
     from shared_model.checkpoint import CheckpointError, load_checkpoint
@@ -139,10 +139,10 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     store = cat = None
     if cat_path is not None and cat_path.is_file():
         from shared_model.catalog_io import load_catalog
-        from shared_model.features import build_feature_store
+        from shared_model.features import build_feature_store, feature_cache_dir
 
         cat = load_catalog(cat_path)
-        store = build_feature_store(cat, cat_path.parent / "cache", progress=False)
+        store = build_feature_store(cat, feature_cache_dir(cat_path), progress=False)
     info = {"path": str(Path(checkpoint).resolve()), "sha256": sha256_file(checkpoint),
             "round": payload.get("round", 0), "data_dir": str(Path(data_dir).resolve())}
     return export_bundle(Sources(head, prep, checkpoint_info=info, catalog_store=store, catalog=cat), out, options)

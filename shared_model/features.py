@@ -176,6 +176,22 @@ def _num(x: object) -> float:
 
 # ----------------------------------------------------------------------------------- embedding cache
 
+CACHE_ENV = "FEDRANK_CACHE"
+CACHE_DIRNAME = ".feature-cache"
+
+
+def feature_cache_dir(data: str | os.PathLike[str]) -> Path:
+    """The one cache rule, used by prepare, evaluate and export: ``$FEDRANK_CACHE`` if set, else
+    ``.feature-cache`` beside the data folder ``data`` (a catalog file counts as its folder). Entries are keyed by
+    content hash, so every data folder and catalog under one parent shares the embeddings of the items they hold."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    folder = Path(data).resolve()
+    if not folder.is_dir():
+        folder = folder.parent
+    return folder.parent / CACHE_DIRNAME
+
+
 
 class EmbeddingCache:
     """Content-addressed embedding cache for one modality and encoder version (see module docstring)."""

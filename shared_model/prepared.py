@@ -2,7 +2,7 @@
 
 A data folder holds ``catalog.jsonl`` (+ images, video frames) and ``sessions.npz``; the simulator writes both,
 and a real catalog can be simulated over (``fedrank generate --catalog``). :func:`prepare` adds
-``features/`` (item embeddings, cached by content hash under ``cache/``), ``queries.npy`` and
+``features/`` (item embeddings, cached by content hash: :func:`shared_model.features.feature_cache_dir`), ``queries.npy`` and
 ``propensity.json``, and returns everything in memory as :class:`Prepared`.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 
 from shared_model.catalog_io import load_catalog
 from shared_model.data import ItemTable, Slates, build_slates, split_by_time
-from shared_model.features import FeatureStore, build_feature_store, encode_queries
+from shared_model.features import FeatureStore, build_feature_store, encode_queries, feature_cache_dir
 from shared_model.propensity import aggregate_position_counts, fit_power_law
 from shared_model.schema import Catalog, SessionLog, atomic_write
 
@@ -65,12 +64,6 @@ def estimate_from_log(log_: SessionLog, sessions: np.ndarray) -> tuple[float, np
     impressions, clicks = aggregate_position_counts(pos, clk, max_positions=MAX_POSITIONS)
     eta, props = fit_power_law(impressions, clicks)
     return float(eta), np.asarray(props, dtype=np.float32)
-
-
-def feature_cache_dir(data_dir: Path) -> Path:
-    """Embedding cache shared by the data folders beside ``data_dir`` (keyed by content hash, so two folders
-    holding the same catalog share its embeddings); ``FEDRANK_CACHE`` overrides."""
-    return Path(os.environ.get("FEDRANK_CACHE", data_dir.resolve().parent / ".feature-cache"))
 
 
 def prepare(data_dir: str | Path, progress: bool = True) -> Prepared:

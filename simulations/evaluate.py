@@ -16,7 +16,7 @@ import numpy as np
 
 from shared_model.catalog_io import CatalogError, load_catalog, load_judgments
 from shared_model.data import ItemTable, build_slates
-from shared_model.features import build_feature_store, encode_queries
+from shared_model.features import build_feature_store, encode_queries, feature_cache_dir
 from shared_model.head import FusedRankingHead
 from shared_model.schema import Catalog, SessionLog, atomic_write
 from shared_model.training import ranking_metrics, score_slates
@@ -88,7 +88,7 @@ def evaluate_judgments(
         raise JudgmentsError(f"{judgments_path}: no judgments")
     bm25 = BM25Ranker([it.text() for it in catalog.items])
     sessions = judged_sessions(catalog, judgments, str(judgments_path), bm25)
-    cache = out_dir / "cache"
+    cache = feature_cache_dir(catalog_path)
     store = build_feature_store(catalog, cache, progress=progress)
     query_emb = encode_queries(sessions.queries, cache, progress=progress)
     prices = np.array([it.price for it in catalog.items], np.float64)
