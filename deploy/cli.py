@@ -86,7 +86,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from deploy.cluster import DeployError, UpOptions, flwr_run_command, up
+    from deploy.cluster import UpOptions, flwr_run_command, up
+    from deploy.errors import DeployError
     from shared_model.config import ConfigError
     from shared_model.console import parse_sets
 
@@ -113,7 +114,8 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def cmd_down(args: argparse.Namespace) -> int:
-    from deploy.cluster import DeployError, down
+    from deploy.cluster import down
+    from deploy.errors import DeployError
 
     try:
         res = down(Path(args.state), grace=args.grace)
@@ -132,7 +134,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from deploy.cluster import DeployError, status
+    from deploy.cluster import status
+    from deploy.errors import DeployError
 
     try:
         st = status(Path(args.state))

@@ -34,24 +34,12 @@ from deploy.certs import (
     load_cert,
     san_names,
 )
-from deploy.cluster import (
-    STATE_FILE,
-    DeployError,
-    Deployment,
-    Layout,
-    UpOptions,
-    check_ports,
-    descendants,
-    down,
-    free_ports,
-    pid_alive,
-    resolve_run_config,
-    run_config_overrides,
-    start_ticks,
-    up,
-    write_deployment,
-    write_run_config,
-)
+from deploy.cluster import UpOptions, down, up
+from deploy.errors import DeployError
+from deploy.ports import check_ports, free_ports
+from deploy.processes import descendants, pid_alive, start_ticks, stop_processes
+from deploy.runconfig import resolve_run_config, run_config_overrides, write_run_config
+from deploy.state import STATE_FILE, Deployment, Layout, write_deployment
 from tests.procs import process_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,8 +58,9 @@ def test_server_cert_is_signed_by_the_ca_and_names_loopback(certs: CertPaths) ->
     # cryptography's issuer check, and the ECDSA signature checked by hand with the CA's public key
     server.verify_directly_issued_by(ca)
     ca_pub = ca.public_key()
-    assert isinstance(ca_pub, ec.EllipticCurvePublicKey)
-    ca_pub.verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(server.signature_hash_algorithm))
+    hash_alg = server.signature_hash_algorithm
+    assert isinstance(ca_pub, ec.EllipticCurvePublicKey) and hash_alg is not None
+    ca_pub.verify(server.signature, server.tbs_certificate_bytes, ec.ECDSA(hash_alg))
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert "127.0.0.1" in [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     assert "localhost" in san.get_values_for_type(x509.DNSName)
@@ -106,8 +95,9 @@ def _tls_handshake(certs: CertPaths, cafile: Path | None, host: str = "127.0.0.1
         with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
                 client_ctx.wrap_socket(raw, server_hostname=host) as tls:
             peer = tls.getpeercert()
+            assert peer is not None
             tls.sendall(b"x")
-            return peer
+            return dict(peer)
     finally:
         t.join(timeout=10)
         listener.close()
@@ -320,8 +310,6 @@ def deployment(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[dict[
         if (state / STATE_FILE).is_file():
             leftover = _all_pids(state)
             _fedrank(["deploy", "down", "--state", str(state), "--grace", "5"], env, timeout=120)
-            from deploy.cluster import stop_processes
-
             stop_processes([(p, None) for p in leftover if pid_alive(p)], grace=2.0)
 
 
