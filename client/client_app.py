@@ -4,10 +4,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, MetricRecordValues, RecordDict
 from flwr.clientapp import ClientApp
 
 from client.faults import maybe_poison
@@ -68,8 +68,8 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         s = settings_from(context, overrides)
-        cfg: ConfigRecord = msg.content[CONFIG]
-        rnd = int(cfg.get(SERVER_ROUND, 0))
+        cfg = msg.content.config_records[CONFIG]
+        rnd = int(cast(int, cfg.get(SERVER_ROUND, 0)))
         pid = int(context.node_config.get("partition-id", 0))
         torch.manual_seed(s.server.seed * 7919 + rnd * 104_729 + pid)
         data = load_device_data(s, dict(context.node_config))
@@ -77,11 +77,13 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         model = _global_head(s, msg)
         if s.model.personal_layers and (mine := _personal(context)):
             model.load_state_dict(mine, strict=False)
-        stats = local_train(model, data, s.train, eta=float(cfg[PROPENSITY_ETA]),
-                            proximal_mu=float(cfg.get(PROXIMAL_MU, 0.0)), seed=rnd * 1000 + pid)
+        stats = local_train(model, data, s.train, eta=float(cast(float, cfg[PROPENSITY_ETA])),
+                            proximal_mu=float(cast(float, cfg.get(PROXIMAL_MU, 0.0))), seed=rnd * 1000 + pid)
         if s.model.personal_layers:
             context.state[PERSONAL_STATE] = ArrayRecord(personal_state(model))
-        metrics = {NUM_EXAMPLES: len(data.train), TRAIN_LOSS: stats["train_loss"], NUM_STEPS: stats["num_steps"]}
+        metrics: dict[str, MetricRecordValues] = {
+            NUM_EXAMPLES: len(data.train), TRAIN_LOSS: stats["train_loss"], NUM_STEPS: stats["num_steps"],
+        }
         shared = model.shared_state_keys()  # personal layers (model.personal-layers) never leave the device
         state = {k: v for k, v in model.state_dict().items() if k in shared}
         content = RecordDict({ARRAYS: ArrayRecord(state), METRICS: MetricRecord(metrics)})
@@ -92,19 +94,20 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         """The partition id this node holds: the server orders node ids by it, so seeded sampling repeats."""
         if "partition-id" not in context.node_config:
             raise ValueError("node config has no 'partition-id'")
-        pid = int(context.node_config["partition-id"])  # type: ignore[call-overload]
+        pid = int(context.node_config["partition-id"])
         return Message(content=RecordDict({METRICS: MetricRecord({PARTITION_ID: pid})}), reply_to=msg)
 
     @app.evaluate()
     def evaluate(msg: Message, context: Context) -> Message:
         s = settings_from(context, overrides)
-        cfg: ConfigRecord = msg.content[CONFIG]
+        cfg = msg.content.config_records[CONFIG]
         data = load_device_data(s, dict(context.node_config))
         model = _global_head(s, msg)
         glob = local_evaluate(model, data)
-        mine = personalize(model, data, s.train, float(cfg.get(PROPENSITY_ETA, 1.0)), _personal(context))
+        eta = float(cast(float, cfg.get(PROPENSITY_ETA, 1.0)))
+        mine = personalize(model, data, s.train, eta, _personal(context))
         pers = local_evaluate(mine, data)
-        metrics = {
+        metrics: dict[str, MetricRecordValues] = {
             NUM_EXAMPLES: int(glob.get("num_lists", 0)),  # held-out slates with a relevant item: the weight
             NDCG_GLOBAL: glob.get("ndcg@10", 0.0), MRR_GLOBAL: glob.get("mrr", 0.0),
             RECALL_GLOBAL: glob.get("recall@10", 0.0), NDCG_PERSONAL: pers.get("ndcg@10", 0.0),

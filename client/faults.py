@@ -28,7 +28,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -178,15 +178,16 @@ def make_fault_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
         if not faults_active(f):
             return call_next(msg, ctxt)
         pid, n = _partition(s, ctxt.node_config)
-        rnd = int(msg.content[CONFIG].get(SERVER_ROUND, 0)) if CONFIG in msg.content.config_records else 0
+        configs = msg.content.config_records
+        rnd = int(cast(int, configs[CONFIG].get(SERVER_ROUND, 0))) if CONFIG in configs else 0
         plan = fault_plan(f, s.server.seed, rnd, pid, n)
         if plan.crash:
             raise InjectedCrash(f"injected crash (faults.crash-prob={f.crash_prob:g}): partition {pid}, round {rnd}")
         reply = call_next(msg, ctxt)
         if plan.byzantine and f.byzantine_attack != "poisoned-clicks" and reply.has_content() \
                 and ARRAYS in reply.content.array_records:
-            glob = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
-            local = {k: v.numpy() for k, v in reply.content[ARRAYS].items()}
+            glob = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
+            local = {k: v.numpy() for k, v in reply.content.array_records[ARRAYS].items()}
             if f.byzantine_attack == "sign-flip":
                 bad = sign_flip_update(glob, local, f.byzantine_scale)
             else:

@@ -10,11 +10,10 @@ import torch
 
 from shared_model.config import RunSettings, TrainConfig
 from shared_model.head import PERSONAL_PREFIX, FusedRankingHead
+from shared_model.head_features import MAX_POSITIONS
 from shared_model.propensity import power_law_propensities
 from shared_model.shards import ClientData, load_shard, shard_path
 from shared_model.training import evaluate_model, ips_click_dcg, score_slates, train_epochs
-
-MAX_POSITIONS = 50
 
 
 def load_device_data(settings: RunSettings, node_config: dict[str, object]) -> ClientData:

@@ -1,9 +1,11 @@
 """On-device reranking from an exported bundle (``fedrank export``), with ONNX Runtime or LiteRT.
 
 Imports only numpy, ``tokenizers`` and ``onnxruntime`` or ``ai_edge_litert`` (``tflite_runtime`` as a fallback
-import) -- never torch, and no fedrank module that imports torch (``client/__init__.py`` and
-``client/runtime_bundle.py`` are torch-free; a test runs this module where ``import torch`` fails). Pillow is
-imported lazily, and only to decode a photo for search-by-photo.
+import) -- never torch, and no fedrank module that imports torch (``client/runtime_*.py`` and
+``shared_model/head_features.py`` are torch-free; a test runs this module where ``import torch`` fails). Pillow is
+imported lazily, and only to decode a photo for search-by-photo. The pieces: the bundle format
+(``runtime_bundle``), one wrapper over ONNX Runtime / LiteRT files (``runtime_models``), photo preprocessing
+(``runtime_images``), and every feature the head gets (``shared_model.head_features``, shared with training).
 
 Usage::
 
@@ -11,19 +13,21 @@ Usage::
     rr.rerank("red canvas sneakers", candidate_ids, recent_item_ids=recent)  # [(item_id, score), ...] best first
     rr.rerank(query_image="photo.jpg", candidate_ids=candidate_ids)          # search by photo
 
-What happens per request (the same function as ``shared_model.data.head_inputs`` + the head, so scores match
-the torch pipeline the head was trained and evaluated with):
+What happens per request (the features come from ``shared_model.head_features``, the functions the torch
+pipeline's ``shared_model.data.head_inputs`` calls, so scores match the pipeline the head was trained and
+evaluated with):
 
 * the query is tokenised (truncated at the manifest's ``max_length`` tokens, like the training pipeline) and
   encoded by the exported text encoder;
 * candidates' embeddings come from the bundle's catalog (int8 rows times their scale);
 * the **user context** is computed here, on the device, from ``recent_item_ids`` (most recent last; the last
   ``history_len`` known ids): mean text embedding, mean image embedding (items without an image count as zero),
-  ``user_mask = 1`` if any. It is never sent anywhere: nothing in this module does any I/O besides reading the
-  bundle (and a photo's file).
-* dense features = the item's 4 catalog features + 3 slate features: first-stage rank / 50 (the candidates'
-  order unless ``first_stage_ranks`` is given), the first-stage retrieval score z-scored within the slate
-  (0 for every candidate when ``retrieval_scores`` is not given), log1p(price) minus the slate median;
+  ``user_mask = 1`` if any (``head_features.user_context``). It is never sent anywhere: nothing in this module
+  does any I/O besides reading the bundle (and a photo's file).
+* dense features = the item's 4 catalog features + 3 slate features (``head_features.slate_features``):
+  first-stage rank / 50 (the candidates' order unless ``first_stage_ranks`` is given), the first-stage retrieval
+  score z-scored within the slate (0 for every candidate when ``retrieval_scores`` is not given), log1p(price)
+  minus the slate median;
 * the head scores every candidate independently; with LiteRT a slate is padded up to the next signature size
   (``s20``/``s50``/``s100``) and a longer one is scored in chunks (exact: candidates do not interact).
 
@@ -56,16 +60,29 @@ import numpy as np
 
 from client.runtime_bundle import (
     BACKENDS,
-    HEAD_OUTPUT,
     IMAGE_INPUT,
-    IMAGE_OUTPUT,
     MANIFEST,
-    TEXT_OUTPUT,
     BundleError,
     PackedCatalog,
     RerankInputError,
     read_manifest,
     verify_file,
+)
+from client.runtime_images import to_pixels
+from client.runtime_models import (
+    ExportedModel,
+    encode_tokens,
+    load_interpreter_class,
+    open_model,
+    score_slate,
+)
+from shared_model.head_features import (
+    HISTORY_LEN,
+    head_feeds,
+    log_prices,
+    recent_history,
+    slate_features,
+    user_context,
 )
 
 log = logging.getLogger(__name__)
@@ -74,212 +91,10 @@ MAX_QUERY_CHARS = 1000  # longer queries are rejected (tokens beyond max_length 
 MAX_CANDIDATES = 2000
 PHOTO_HEAD_WEIGHT = 0.25
 PHOTO_TEXT_HEAD_WEIGHT = 1.0
-IMAGE_SIZE = 224
-PIXEL_MEAN = 127.0
-PIXEL_SCALE = 128.0
 
 Floats = Sequence[float] | np.ndarray  # per-candidate numbers
 
 __all__ = ["Reranker", "BundleError", "RerankInputError", "load_interpreter_class"]
-
-
-# ------------------------------------------------------------------------------------------- backends
-
-
-def load_interpreter_class() -> Any:
-    """LiteRT's ``Interpreter`` (``ai_edge_litert``), else ``tflite_runtime``'s (older, slower; a fallback)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        try:
-            from tflite_runtime.interpreter import Interpreter
-        except ImportError as e:
-            raise ImportError("the tflite backend needs ai-edge-litert (or tflite-runtime)") from e
-    return Interpreter
-
-
-class _OnnxModel:
-    """One ONNX Runtime session, single-threaded by default, no spinning."""
-
-    def __init__(self, path: Path, name: str, num_threads: int) -> None:
-        import onnxruntime as ort
-
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = num_threads
-        so.inter_op_num_threads = 1
-        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
-            raise BundleError(name, f"ONNX Runtime cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
-        self.inputs = {i.name: i for i in self.session.get_inputs()}
-        self.output = self.session.get_outputs()[0].name
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.session.run([self.output], feeds)[0])
-
-
-class _TfliteModel:
-    """One LiteRT interpreter with all its signatures (one per fixed input size)."""
-
-    def __init__(self, path: Path, name: str, num_threads: int) -> None:
-        interpreter_cls = load_interpreter_class()
-        try:
-            self.interpreter = interpreter_cls(model_path=str(path), num_threads=num_threads)
-            self.runners = {k: self.interpreter.get_signature_runner(k) for k in self.interpreter.get_signature_list()}
-        except Exception as e:  # ValueError/RuntimeError on a corrupt flatbuffer
-            raise BundleError(name, f"LiteRT cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
-        self.dtypes = {k: {n: d["dtype"] for n, d in r.get_input_details().items()} for k, r in self.runners.items()}
-
-    def run(self, signature: str, feeds: dict[str, np.ndarray], output: str) -> np.ndarray:
-        dt = self.dtypes[signature]
-        out = self.runners[signature](**{k: np.ascontiguousarray(v, dtype=dt[k]) for k, v in feeds.items()})
-        return np.asarray(out[output])
-
-
-def _signatures(entry: dict[str, Any], axis: str, name: str) -> list[tuple[int, str]]:
-    sigs = sorted((int(s["sizes"][axis]), str(s["key"])) for s in entry.get("signatures", []))
-    if not sigs:
-        raise BundleError(name, "the manifest lists no signatures for this TFLite file")
-    return sigs
-
-
-# ------------------------------------------------------------------------------------------ components
-
-
-class _TextEncoder:
-    def __init__(self, backend: str, path: Path, name: str, entry: dict[str, Any], num_threads: int) -> None:
-        self.backend = backend
-        if backend == "onnx":
-            self.onnx = _OnnxModel(path, name, num_threads)
-        else:
-            self.tfl = _TfliteModel(path, name, num_threads)
-            self.sigs = _signatures(entry, "tokens", name)
-
-    def __call__(self, ids: list[int]) -> np.ndarray:
-        """``[384]`` float32 embedding of one tokenised text (``ids`` incl. [CLS]/[SEP])."""
-        t = len(ids)
-        if self.backend == "onnx":
-            x = np.asarray(ids, dtype=np.int64)[None, :]
-            return self.onnx.run({"input_ids": x, "attention_mask": np.ones_like(x)})[0]
-        size, key = next(((s, k) for s, k in self.sigs if s >= t), self.sigs[-1])
-        ids = ids[:size]
-        x = np.zeros((1, size), np.int64)
-        m = np.zeros((1, size), np.int64)
-        x[0, : len(ids)] = ids
-        m[0, : len(ids)] = 1
-        return self.tfl.run(key, {"input_ids": x, "attention_mask": m}, TEXT_OUTPUT)[0]
-
-
-class _ImageEncoder:
-    def __init__(self, backend: str, path: Path, name: str, entry: dict[str, Any], num_threads: int) -> None:
-        self.backend = backend
-        if backend == "onnx":
-            self.onnx = _OnnxModel(path, name, num_threads)
-        else:
-            self.tfl = _TfliteModel(path, name, num_threads)
-            self.key = _signatures(entry, "batch", name)[0][1]
-
-    def __call__(self, pixels: np.ndarray) -> np.ndarray:
-        """``[1280]`` features of one preprocessed image ``[1, 3, 224, 224]``."""
-        if self.backend == "onnx":
-            return self.onnx.run({IMAGE_INPUT: pixels})[0]
-        return self.tfl.run(self.key, {IMAGE_INPUT: pixels}, IMAGE_OUTPUT)[0]
-
-
-class _Head:
-    def __init__(self, backend: str, path: Path, name: str, entry: dict[str, Any], num_threads: int) -> None:
-        self.backend = backend
-        if backend == "onnx":
-            self.onnx = _OnnxModel(path, name, num_threads)
-        else:
-            self.tfl = _TfliteModel(path, name, num_threads)
-            self.sigs = _signatures(entry, "slate", name)
-
-    def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        """Scores ``[S]`` for one slate; ``feeds`` are the head's inputs with batch 1 and ``S`` candidates."""
-        if self.backend == "onnx":
-            return self.onnx.run(feeds)[0]
-        s_total = feeds["item_text"].shape[1]
-        max_size = self.sigs[-1][0]
-        out = np.empty(s_total, np.float32)
-        for lo in range(0, s_total, max_size):
-            hi = min(lo + max_size, s_total)
-            size, key = next((s, k) for s, k in self.sigs if s >= hi - lo)
-            chunk = {}
-            for k, v in feeds.items():
-                if v.ndim == 3:  # per-candidate input [1, S, D]: slice, then pad with zero rows
-                    part = np.zeros((1, size, v.shape[2]), np.float32)
-                    part[:, : hi - lo] = v[:, lo:hi]
-                    chunk[k] = part
-                else:
-                    chunk[k] = v
-            out[lo:hi] = self.tfl.run(key, chunk, HEAD_OUTPUT)[0, : hi - lo]
-        return out
-
-
-# ---------------------------------------------------------------------------------------------- images
-
-
-def _to_pixels(image: Any) -> np.ndarray:
-    """A path, bytes, PIL image or ``HxWx3`` uint8 array -> float32 ``[1, 3, 224, 224]``, as the encoder saw them
-    in training (alpha composited over white, RGB, bilinear resize to 224x224, ``(x - 127) / 128``)."""
-    if isinstance(image, np.ndarray):
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise RerankInputError("query_image", f"an array must be HxWx3 uint8, got {image.shape} {image.dtype}")
-        arr = image if image.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) else _resize(_pil_image().fromarray(image))
-    else:
-        arr = _resize(_decode(image))
-    x = arr.astype(np.float32).transpose(2, 0, 1)[None]
-    return np.ascontiguousarray((x - PIXEL_MEAN) / PIXEL_SCALE)
-
-
-def _pil_image() -> Any:
-    """``PIL.Image``, imported lazily: only search-by-photo needs Pillow."""
-    try:
-        from PIL import Image
-    except ImportError as e:
-        raise RerankInputError("query_image", "decoding a photo needs Pillow; pass a 224x224x3 uint8 array") from e
-    return Image
-
-
-def _decode(image: Any) -> Any:
-    """An RGB PIL image from a PIL image, bytes or a path (as ``shared_model.encoders.decode_image``)."""
-    import io
-
-    pil = _pil_image()
-    if isinstance(image, pil.Image):
-        img = image
-    else:
-        name = "<bytes>" if isinstance(image, bytes | bytearray) else str(image)
-        try:
-            data = image if isinstance(image, bytes | bytearray) else Path(os.fspath(image)).read_bytes()
-        except (OSError, TypeError) as e:
-            raise RerankInputError("query_image", f"cannot read {name}: {e}") from e
-        try:
-            with pil.open(io.BytesIO(data)) as probe:
-                probe.verify()  # broken chunks / CRCs
-            img = pil.open(io.BytesIO(data))
-            img.load()  # truncated data
-        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...
-            raise RerankInputError("query_image", f"unreadable image {name}: {e.__class__.__name__}: {e}") from e
-    if img.width < 1 or img.height < 1:
-        raise RerankInputError("query_image", "empty image")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = pil.alpha_composite(pil.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return img.convert("RGB")
-
-
-def _resize(img: Any) -> np.ndarray:
-    pil = _pil_image()
-    if img.mode != "RGB":
-        img = img.convert("RGB")
-    if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-        img = img.resize((IMAGE_SIZE, IMAGE_SIZE), pil.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------------------------- reranker
@@ -299,7 +114,7 @@ class Reranker:
     """Reranks candidate items for a query with the bundle's text encoder, catalog and head (see module doc)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], backend: str, num_threads: int,
-                 tokenizer: Any, text: _TextEncoder, head: _Head, catalog: PackedCatalog) -> None:
+                 tokenizer: Any, text: ExportedModel, head: ExportedModel, catalog: PackedCatalog) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -308,10 +123,9 @@ class Reranker:
         self.text = text
         self.head = head
         self.catalog = catalog
-        cat = manifest["catalog"]
-        self.history_len = int(cat.get("history_len", 10))
-        self.price_log = np.log1p(np.nan_to_num(catalog.arrays["price"].astype(np.float64), nan=0.0))
-        self._image: _ImageEncoder | None = None
+        self.history_len = int(manifest["catalog"].get("history_len", HISTORY_LEN))
+        self.price_log = log_prices(catalog.arrays["price"])
+        self._image: ExportedModel | None = None
         self._empty_query: np.ndarray | None = None
 
     # ---------------------------------------------------------------------------------------- loading
@@ -337,10 +151,10 @@ class Reranker:
 
         tok_name = man["tokenizer"]["file"]
         tokenizer = _load_tokenizer(path_of(tok_name), tok_name, int(man["tokenizer"]["max_length"]))
-        parts: dict[str, Any] = {}
-        for comp, klass in (("text_encoder", _TextEncoder), ("head", _Head)):
+        parts: dict[str, ExportedModel] = {}
+        for comp in ("text_encoder", "head"):
             name = comps[comp]["files"][backend]
-            parts[comp] = klass(backend, path_of(name), name, man["files"][name], num_threads)
+            parts[comp] = open_model(backend, path_of(name), name, man["files"][name], comp, num_threads)
         cat = man["catalog"]
         dims = {"text": int(man["dims"]["text"]), "image": int(man["dims"]["image"])}
         catalog = PackedCatalog.load(path_of(cat["file"]), list(cat["item_ids"]), dims)
@@ -351,7 +165,7 @@ class Reranker:
                 verify_file(root, man, img)
         return rr
 
-    def _image_encoder(self) -> _ImageEncoder:
+    def _image_encoder(self) -> ExportedModel:
         if self._image is None:
             files = self.manifest["components"].get("image_encoder", {}).get("files", {})
             name = files.get(self.backend)
@@ -360,7 +174,8 @@ class Reranker:
             path = self.bundle_dir / name
             if not path.is_file():
                 raise BundleError(name, "missing from the bundle")
-            self._image = _ImageEncoder(self.backend, path, name, self.manifest["files"][name], self.num_threads)
+            self._image = open_model(self.backend, path, name, self.manifest["files"][name], "image_encoder",
+                                     self.num_threads)
         return self._image
 
     # ---------------------------------------------------------------------------------------- pieces
@@ -375,27 +190,23 @@ class Reranker:
 
     def encode_query(self, query: str) -> np.ndarray:
         """``[Dt]`` float32 text embedding of a query (L2-normalised by the exported encoder)."""
-        return self.text(self.tokenize(query))
+        return encode_tokens(self.text, self.tokenize(query))
 
     def embed_image(self, image: Any) -> np.ndarray:
         """``[Di]`` float32 image-encoder features of a photo (path, bytes, PIL image or HxWx3 uint8 array)."""
-        return self._image_encoder()(_to_pixels(image))
+        return self._image_encoder().run({IMAGE_INPUT: to_pixels(image)})[0]
 
     def user_context(self, recent_item_ids: Sequence[str] | None) -> UserContext:
         """Mean text / image embedding of the last ``history_len`` known recent items (most recent last)."""
-        dt, di = int(self.manifest["dims"]["text"]), int(self.manifest["dims"]["image"])
         ids = [] if recent_item_ids is None else _id_list(recent_item_ids, "recent_item_ids")
-        rows = [r for r in (self.catalog.row(i) for i in ids) if r is not None]
-        if len(rows) < len(ids):
-            log.info("ignoring %d recent item ids not in the bundle's catalog", len(ids) - len(rows))
-        rows = rows[-self.history_len :]
-        if not rows:
-            return UserContext(np.zeros(dt, np.float32), np.zeros(di, np.float32), 0.0, 0)
-        r = np.asarray(rows, np.int64)
-        has_img = self.catalog.arrays["mask"][r, 1].astype(np.float32)
-        text = self.catalog.modality("text", r).sum(0) / len(r)
-        image = (self.catalog.modality("image", r) * has_img[:, None]).sum(0) / len(r)
-        return UserContext(text.astype(np.float32), image.astype(np.float32), 1.0, len(r))
+        known = [self.catalog.row(i) for i in ids]
+        rows = np.asarray(recent_history(known, self.history_len), np.int64)  # [H]
+        if None in known:
+            log.info("ignoring %d recent item ids not in the bundle's catalog", known.count(None))
+        cat = self.catalog
+        text, image, mask = user_context(cat.modality("text", rows), cat.modality("image", rows),
+                                         cat.arrays["mask"][rows, 1], np.ones(len(rows), bool))
+        return UserContext(text, image, float(mask[0]), len(rows))
 
     def candidate_rows(self, candidate_ids: Sequence[str], skip_unknown: bool = False
                        ) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -423,32 +234,19 @@ class Reranker:
                     first_stage_ranks: Floats | None = None) -> dict[str, np.ndarray]:
         """The head's inputs for one slate (batch 1): the same function as ``shared_model.data.head_inputs``."""
         s = len(rows)
-        ranks = np.arange(s, dtype=np.float32) if first_stage_ranks is None else _vector(
-            first_stage_ranks, s, "first_stage_ranks")
-        slate = np.zeros((s, 3), np.float32)
-        slate[:, 0] = ranks / 50.0
-        if retrieval_scores is not None:
-            rs = _vector(retrieval_scores, s, "retrieval_scores")
-            slate[:, 1] = (rs - rs.mean()) / (rs.std() + 1e-6)
-        lp = self.price_log[rows]
-        slate[:, 2] = lp - np.median(lp)
-        dense = np.concatenate([self.catalog.arrays["dense"][rows], slate], axis=1)
+        ranks = None if first_stage_ranks is None else _vector(first_stage_ranks, s, "first_stage_ranks")
+        scores = None if retrieval_scores is None else _vector(retrieval_scores, s, "retrieval_scores")
+        slate = slate_features(self.price_log[rows], ranks, scores)  # [S, 3]
         cat = self.catalog
-        return {
-            "query": np.asarray(query_emb, np.float32).reshape(1, -1),
-            "item_text": cat.modality("text", rows)[None],
-            "item_image": cat.modality("image", rows)[None],
-            "item_video": cat.modality("video", rows)[None],
-            "item_mask": cat.arrays["mask"][rows].astype(np.float32)[None],
-            "dense": dense.astype(np.float32)[None],
-            "user_text": user.text[None],
-            "user_image": user.image[None],
-            "user_mask": np.full((1, 1), user.mask, np.float32),
-        }
+        return head_feeds(
+            np.asarray(query_emb, np.float32).reshape(1, -1), cat.modality("text", rows)[None],
+            cat.modality("image", rows)[None], cat.modality("video", rows)[None], cat.arrays["mask"][rows][None],
+            cat.arrays["dense"][rows][None], slate[None],
+            (user.text[None], user.image[None], np.full((1, 1), user.mask, np.float32)))
 
     def head_scores(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run the exported head on prepared inputs (:meth:`head_inputs`): scores ``[S]``."""
-        return np.asarray(self.head(inputs), np.float32)
+        return score_slate(self.head, inputs)
 
     # ---------------------------------------------------------------------------------------- request
     def score(self, query: str | None, candidate_ids: Sequence[str], recent_item_ids: Sequence[str] | None = None,
@@ -501,7 +299,7 @@ class Reranker:
 
     def _generic_query(self) -> np.ndarray:
         if self._empty_query is None:
-            self._empty_query = self.text(list(self.tokenizer.encode("").ids))
+            self._empty_query = encode_tokens(self.text, list(self.tokenizer.encode("").ids))
         return self._empty_query
 
     def _visual_similarity(self, photo: np.ndarray, rows: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """The on-device bundle format, shared by the exporter (``export/``) and the runtime (``client/runtime.py``).
 
-Torch-free on purpose: it imports only the standard library and numpy, so the runtime can use it on a device.
+Torch-free on purpose: it imports only the standard library, numpy and ``shared_model.head_features`` (numpy
+only), so the runtime can use it on a device.
 
 A bundle is one directory::
 
@@ -30,6 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from shared_model.head_features import HEAD_INPUTS as HEAD_INPUTS  # the head's inputs, in forward() order
+from shared_model.head_features import NUM_MODALITIES
+
 BUNDLE_FORMAT = "fedrank-bundle"
 BUNDLE_VERSION = 1  # bump on any incompatible change of the layout or of a file's inputs/outputs
 MANIFEST = "manifest.json"
@@ -41,10 +45,6 @@ CATALOG_ARRAYS = (
     "text_q", "text_scale", "image_q", "image_scale", "video_q", "video_scale", "mask", "dense", "price",
 )
 
-# the head's inputs, in forward() order (shared_model/head.py)
-HEAD_INPUTS = (
-    "query", "item_text", "item_image", "item_video", "item_mask", "dense", "user_text", "user_image", "user_mask",
-)
 HEAD_OUTPUT = "scores"
 TEXT_INPUTS = ("input_ids", "attention_mask")
 TEXT_OUTPUT = "text_embedding"
@@ -225,7 +225,7 @@ class PackedCatalog:
             raise BundleError(name, f"missing arrays {missing}")
         n = len(item_ids)
         want = {"text_q": (n, dims["text"]), "image_q": (n, dims["image"]), "video_q": (n, dims["image"]),
-                "text_scale": (n,), "image_scale": (n,), "video_scale": (n,), "mask": (n, 3), "price": (n,)}
+                "text_scale": (n,), "image_scale": (n,), "video_scale": (n,), "mask": (n, NUM_MODALITIES), "price": (n,)}
         for k, shape in want.items():
             if arrays[k].shape != shape:
                 raise BundleError(name, f"array {k} has shape {arrays[k].shape}, expected {shape}")

@@ -4,7 +4,7 @@ the same pipeline in torch fp32 eager, all measured in one run.
 Each backend runs in its own fresh process, so ``ru_maxrss`` is that runtime's own peak: ``onnx`` and
 ``tflite`` through ``client.runtime_bench`` (with ``import torch`` blocked), ``torch`` through this module's
 worker (``TextEncoder`` + the checkpoint's head, fp32, eager, ``torch.set_num_threads(1)``, catalog embeddings
-cached as float32 tensors). Every process times the same request: a 16-token query, 100 candidates, 10 recent
+cached as float32 arrays, features from ``shared_model.head_features`` as in training and on the device). Every process times the same request: a 16-token query, 100 candidates, 10 recent
 items. Stages: query encoding (tokenise + text encoder), the head alone on 100 candidates (inputs prepared
 once), and end to end (``rerank``: query encoding, catalog gather, user context, dense features, head, sort).
 
@@ -159,7 +159,8 @@ def print_results(results: dict[str, Any]) -> None:
 
 
 def torch_worker(bundle: str, checkpoint: str, spec: dict[str, Any], iters: int, warmup: int) -> dict[str, Any]:
-    """The same pipeline in torch fp32 eager, one thread; catalog embeddings cached as float32 tensors."""
+    """The same pipeline in torch fp32 eager, one thread; catalog embeddings cached as float32 arrays, the head's
+    inputs from the shared feature functions (``shared_model.head_features``), the head in torch."""
     import time
 
     import torch
@@ -168,6 +169,14 @@ def torch_worker(bundle: str, checkpoint: str, spec: dict[str, Any], iters: int,
     from client.runtime_bundle import PackedCatalog, read_manifest
     from shared_model.checkpoint import load_checkpoint
     from shared_model.encoders import TextEncoder
+    from shared_model.head_features import (
+        HISTORY_LEN,
+        head_feeds,
+        log_prices,
+        recent_history,
+        slate_features,
+        user_context,
+    )
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -175,34 +184,27 @@ def torch_worker(bundle: str, checkpoint: str, spec: dict[str, Any], iters: int,
     cat = PackedCatalog.load(Path(bundle) / man["catalog"]["file"], list(man["catalog"]["item_ids"]),
                              {"text": man["dims"]["text"], "image": man["dims"]["image"]})
     rows_all = np.arange(len(cat))
-    table = {m: torch.from_numpy(cat.modality(m, rows_all)) for m in ("text", "image", "video")}
-    mask = torch.from_numpy(cat.arrays["mask"].astype(np.float32))
-    dense = torch.from_numpy(cat.arrays["dense"].astype(np.float32))
-    log_price = torch.from_numpy(np.log1p(np.nan_to_num(cat.arrays["price"], nan=0.0)).astype(np.float32))
+    table = {m: cat.modality(m, rows_all) for m in ("text", "image", "video")}  # float32 [N, D]
+    mask, dense = cat.arrays["mask"].astype(np.float32), cat.arrays["dense"].astype(np.float32)
+    log_price = log_prices(cat.arrays["price"])
     text = TextEncoder().eval()
     head, _ = load_checkpoint(checkpoint)
     tok = text.tokenizer(int(man["tokenizer"]["max_length"]))
     load_s = time.perf_counter() - t0
-    hist_len = int(man["catalog"].get("history_len", 10))
+    hist_len = int(man["catalog"].get("history_len", HISTORY_LEN))
 
     def encode(q: str) -> torch.Tensor:
         x = torch.tensor([tok.encode(q).ids], dtype=torch.long)
         return text(x, torch.ones_like(x))
 
     def inputs(qv: torch.Tensor, cands: list[str], recent: list[str]) -> dict[str, torch.Tensor]:
-        r = torch.tensor([cat.row(i) for i in cands], dtype=torch.long)
-        h = torch.tensor([x for x in (cat.row(i) for i in recent) if x is not None][-hist_len:], dtype=torch.long)
-        n = max(len(h), 1)
-        s = len(r)
-        lp = log_price[r]
-        slate = torch.stack([torch.arange(s, dtype=torch.float32) / 50.0, torch.zeros(s), lp - lp.median()], -1)
-        return {
-            "query": qv, "item_text": table["text"][r][None], "item_image": table["image"][r][None],
-            "item_video": table["video"][r][None], "item_mask": mask[r][None],
-            "dense": torch.cat([dense[r], slate], -1)[None], "user_text": (table["text"][h].sum(0) / n)[None],
-            "user_image": ((table["image"][h] * mask[h, 1:2]).sum(0) / n)[None],
-            "user_mask": torch.full((1, 1), float(len(h) > 0)),
-        }
+        r = np.asarray([cat.row(i) for i in cands], np.int64)  # [S]
+        h = np.asarray(recent_history((cat.row(i) for i in recent), hist_len), np.int64)  # [H]
+        user = user_context(table["text"][h], table["image"][h], mask[h, 1], np.ones(len(h), bool))
+        feeds = head_feeds(qv.numpy(), table["text"][r][None], table["image"][r][None], table["video"][r][None],
+                           mask[r][None], dense[r][None], slate_features(log_price[r])[None],
+                           (user[0][None], user[1][None], user[2][None]))
+        return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
     query, cands, recent = spec["query"], spec["candidates"], spec.get("recent") or []
 

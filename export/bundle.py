@@ -38,11 +38,21 @@ from client.runtime_bundle import (
     CATALOG,
     MANIFEST,
     TOKENIZER,
-    PackedCatalog,
     sha256_file,
 )
+from export.catalog import pack_catalog
 from export.errors import ExportError, ExportValidationError
 from export.onnx_export import export_onnx, quantize_onnx, share_weights
+from export.probes import (
+    head_probe_feeds,
+    held_out,
+    load_tokenizer,
+    probe_images,
+    probe_texts,
+    sample_at,
+    text_feeds,
+    text_probes,
+)
 from export.spec import (
     DEFAULT_MAX_LENGTH,
     HEAD_SIGNATURE_SLATES,
@@ -52,20 +62,12 @@ from export.spec import (
     head_spec,
     image_spec,
     random_head_inputs,
-    random_images,
     text_spec,
 )
 from export.tflite_export import convert_tflite, finalize_tflite, quantize_tflite
-from export.validate import (
-    PROBE_TEXTS,
-    HeldOut,
-    Probe,
-    pipeline_fidelity,
-    torch_reference,
-    validate_onnx,
-    validate_tflite,
-)
+from export.validate import Probe, pipeline_fidelity, torch_reference, validate_onnx, validate_tflite
 from shared_model.head import FusedRankingHead
+from shared_model.head_features import DENSE_DIM, HISTORY_LEN, IMAGE_DIM, SLATE_DENSE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +116,7 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     """``fedrank export``: load the head, prepare the data it was trained on, export (see :func:`export_bundle`).
 
     ``catalog`` is a data folder (its feature store is shipped) or a catalog file (CSV/JSONL, embedded through
-    the feature cache of :func:`shared_model.features.feature_cache_dir`). Held-out slates for the pipeline check come from ``data``, else from
+    the feature cache of :func:`shared_model.embedding_cache.feature_cache_dir`). Held-out slates for the pipeline check come from ``data``, else from
     ``catalog`` when it is a data folder, else from the checkpoint's ``run_config["data.dir"]``.
     """
     from shared_model.checkpoint import CheckpointError, load_checkpoint
@@ -139,7 +141,8 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     store = cat = None
     if cat_path is not None and cat_path.is_file():
         from shared_model.catalog_io import load_catalog
-        from shared_model.features import build_feature_store, feature_cache_dir
+        from shared_model.embedding_cache import feature_cache_dir
+        from shared_model.features import build_feature_store
 
         cat = load_catalog(cat_path)
         store = build_feature_store(cat, feature_cache_dir(cat_path), progress=False)
@@ -201,15 +204,15 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
     components: dict[str, dict[str, Any]] = {}
     tok_file = staging / TOKENIZER
     shutil.copyfile(tokenizer_path(), tok_file)
-    tokenizer = _tokenizer(tok_file)
+    tokenizer = load_tokenizer(tok_file)
     rng = np.random.default_rng(opts.seed)
 
     # text encoder ---------------------------------------------------------------------------------------------
     tspec = text_spec(opts.max_length)
-    texts = _probe_texts(prep, store, rng)
-    tprobes = _text_probes(tspec, tokenizer, texts, torch_reference(text, tspec))
+    texts = probe_texts(prep, store, rng)
+    tprobes = text_probes(tspec, tokenizer, texts, torch_reference(text, tspec))
     components["text_encoder"] = _export_component(
-        tspec, text, _text_feeds(tokenizer, texts, 0), tprobes, _precisions(opts.quantize, fallback=False),
+        tspec, text, text_feeds(tokenizer, texts, 0), tprobes, _precisions(opts.quantize, fallback=False),
         opts, staging, work, files)
     components["text_encoder"].update(dim=tspec.output.shape[1], version=_version(text, opts.max_length),
                                       **tspec.notes)
@@ -219,7 +222,7 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
     if opts.image_encoder:
         image = (src.image_encoder if src.image_encoder is not None else _default_image_encoder()).eval()
         ispec = image_spec()
-        pix, calib = _probe_images(prep, store)
+        pix, calib = probe_images(prep, store)
         iref = torch_reference(image, ispec)
         iprobes = [Probe(dict(s), {"pixels": pix[i : i + s["batch"]]}, iref({"pixels": pix[i : i + s["batch"]]}))
                    for i, s in enumerate([*ispec.checks, *[ispec.signatures[0]] * 4])]
@@ -231,7 +234,7 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
 
     # head -----------------------------------------------------------------------------------------------------
     hspec = head_spec(int(head.cfg.dense_dim), tuple(opts.head_slates))
-    hfeeds = _head_feeds(prep, hspec)
+    hfeeds = head_probe_feeds(prep, hspec)
     href = torch_reference(head, hspec)
     sizes = [*hspec.checks, *[s for s in hspec.signatures for _ in range(3)]]
     hprobes = [Probe(dict(s), f, href(f)) for s, f in ((s, hfeeds(dict(s), 100 + i)) for i, s in enumerate(sizes))]
@@ -243,18 +246,12 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
 
     # tokenizer, catalog, manifest -----------------------------------------------------------------------------
     files[TOKENIZER] = {"component": "tokenizer", "bytes": tok_file.stat().st_size, "sha256": sha256_file(tok_file)}
-    packed = PackedCatalog.from_float(store.item_ids, store.text, store.image, store.video, store.mask,
-                                      store.dense, _prices(src.catalog if src.catalog is not None else prep.catalog, store))
-    packed.save(staging / CATALOG)
-    files[CATALOG] = {"component": "catalog", "bytes": (staging / CATALOG).stat().st_size,
-                      "sha256": sha256_file(staging / CATALOG),
-                      "quantization": "int8 per row (symmetric, one float32 scale per row) for text/image/video",
-                      "fidelity": _catalog_fidelity(store, packed)}
+    files[CATALOG] = pack_catalog(store, src.catalog if src.catalog is not None else prep.catalog, staging / CATALOG)
     manifest = _manifest(src, opts, files, components, store, tspec)
     _write_manifest(staging, manifest)
 
     # whole pipeline through the on-device runtime -------------------------------------------------------------
-    held = _held_out(prep, store, text, head, tokenizer, opts)
+    held = held_out(prep, store, text, head, tokenizer, opts.max_slates, opts.max_length, opts.seed)
     manifest["pipeline_fidelity"] = {}
     for backend in opts.targets:
         res = pipeline_fidelity(staging, backend, held)
@@ -294,7 +291,7 @@ def _export_component(spec: ExportSpec, module: torch.nn.Module, trace_sample: d
         files[name] = rec
         entry["files"]["onnx"] = name
     if "tflite" in opts.targets:
-        samples = [_sample_at(spec, trace_sample, probes, dict(s)) for s in spec.signatures]
+        samples = [sample_at(spec, trace_sample, probes, dict(s)) for s in spec.signatures]
         with _quiet_root():  # litert-torch logs every lowering on the root logger
             base = convert_tflite(module, spec, samples)
 
@@ -358,158 +355,11 @@ def _precisions(quantize: str, fallback: bool) -> list[str]:
 
 # ------------------------------------------------------------------------------------------------ probes
 
-
-def _tokenizer(path: Path) -> Any:
-    from tokenizers import Tokenizer
-
-    tok = Tokenizer.from_file(str(path))
-    tok.no_padding()
-    return tok
-
-
-def _probe_texts(prep: Any, store: Any, rng: np.random.Generator, n: int = 40) -> list[str]:
-    texts = list(PROBE_TEXTS)
-    queries = list(getattr(prep.log, "queries", []))
-    if queries:
-        texts += [queries[i] for i in rng.choice(len(queries), size=min(n // 2, len(queries)), replace=False)]
-    items = [it.text() for it in getattr(prep, "catalog", [])]
-    if items:
-        texts += [items[i] for i in rng.choice(len(items), size=min(n // 2, len(items)), replace=False)]
-    return texts
-
-
-def _text_feeds(tokenizer: Any, texts: list[str], seed: int, sizes: dict[str, int] | None = None
-                ) -> dict[str, np.ndarray]:
-    """``batch`` texts (rotating through ``texts`` from ``seed``), truncated and padded to exactly ``tokens``."""
-    b, t = (sizes or {"batch": 2, "tokens": 16})["batch"], (sizes or {"batch": 2, "tokens": 16})["tokens"]
-    tokenizer.enable_truncation(max_length=t)
-    ids = np.zeros((b, t), np.int64)
-    mask = np.zeros((b, t), np.int64)
-    for r in range(b):
-        x = tokenizer.encode(texts[(seed * 7 + r) % len(texts)]).ids
-        ids[r, : len(x)] = x
-        mask[r, : len(x)] = 1
-    if b > 1 and mask[1].sum() == t:  # trace with some padding: keeps the padded-mask path in the graph
-        mask[1, t // 2 :] = 0
-        ids[1, t // 2 :] = 0
-    return {"input_ids": ids, "attention_mask": mask}
-
-
-def _text_probes(spec: ExportSpec, tokenizer: Any, texts: list[str], ref: Callable[[dict[str, np.ndarray]], np.ndarray]
-                 ) -> list[Probe]:
-    sizes = [*spec.checks, *[s for s in spec.signatures for _ in range(4)]]
-    out = []
-    for i, s in enumerate(sizes):
-        feeds = _text_feeds(tokenizer, texts, i + 1, dict(s))
-        out.append(Probe(dict(s), feeds, ref(feeds)))
-    return out
-
-
-def _probe_images(prep: Any, store: Any, n_probe: int = 12, n_calib: int = 16) -> tuple[np.ndarray, np.ndarray]:
-    """Probe and calibration pixels: the catalog's own photos when it has enough, else synthetic images."""
-    from shared_model.encoders import ImageEncoder, load_image
-
-    paths = [it.image_path for it in getattr(prep, "catalog", []) if it.image_path]
-    imgs = []
-    for p in paths[: 4 * (n_probe + n_calib)]:
-        img = load_image(p)
-        if img is not None:
-            imgs.append(img)
-        if len(imgs) >= n_probe + n_calib:
-            break
-    if len(imgs) >= n_probe + n_calib:
-        pix = ImageEncoder.preprocess(imgs).numpy()
-        return pix[:n_probe], pix[n_probe:]
-    return random_images(n_probe, seed=1), random_images(n_calib, seed=2)
-
-
-def _head_feeds(prep: Any, spec: ExportSpec) -> Callable[[dict[str, int], int], dict[str, np.ndarray]]:
-    """Head inputs of real slates (``shared_model.data.head_inputs``), cut or zero-padded to the probe sizes."""
-    from shared_model.data import head_inputs
-
-    slates = prep.slates("test")
-    if len(slates) == 0:
-        slates = prep.slates("train")
-    table = prep.table()
-
-    def feeds(sizes: dict[str, int], seed: int) -> dict[str, np.ndarray]:
-        b, s = sizes["batch"], sizes["slate"]
-        idx = np.random.default_rng(seed).choice(len(slates), size=b, replace=len(slates) < b)
-        with torch.inference_mode():
-            x = {k: v.numpy() for k, v in head_inputs(slates.select(idx), table).items()}
-        out = {}
-        for t in spec.inputs:
-            v = x[t.name]
-            if v.ndim == 3:
-                pad = np.zeros((b, s, v.shape[2]), np.float32)
-                pad[:, : min(s, v.shape[1])] = v[:, :s]
-                v = pad
-            out[t.name] = np.ascontiguousarray(v, dtype=np.float32)
-        return out
-
-    return feeds
-
-
-def _sample_at(spec: ExportSpec, trace: dict[str, np.ndarray], probes: list[Probe], sizes: dict[str, int]
-               ) -> dict[str, np.ndarray]:
-    for p in probes:
-        if p.sizes == sizes:
-            return p.feeds
-    if spec.component == "head":
-        return random_head_inputs(spec, sizes)
-    raise ExportError(f"{spec.component}: no sample input at {sizes}")
-
-
-# ------------------------------------------------------------------------------------------------ pipeline
-
-
-def _held_out(prep: Any, store: Any, text: torch.nn.Module, head: torch.nn.Module, tokenizer: Any,
-              opts: ExportOptions) -> HeldOut:
-    """Held-out slates for the pipeline check, and torch fp32's scores (torch text encoder + head)."""
-    from shared_model.data import head_inputs
-
-    slates = prep.slates("test")
-    ids = list(prep.store.item_ids)
-    known = set(store.item_ids)
-    keep = [i for i in range(len(slates))
-            if all(ids[r] in known for r in slates.items[i][slates.valid[i]].tolist())]
-    if not keep:
-        raise ExportError("no held-out slate whose items are all in the exported catalog: cannot measure the "
-                          "pipeline's ranking fidelity (pass the data folder the head was trained on)")
-    rng = np.random.default_rng(opts.seed)
-    sel = np.sort(rng.choice(keep, size=min(opts.max_slates, len(keep)), replace=False))
-    sl = slates.select(sel)
-    lg = prep.log
-    queries = [str(lg.queries[int(lg.query[sid])]) for sid in sl.session_ids]
-    tokenizer.enable_truncation(max_length=opts.max_length)
-    qemb = {}
-    with torch.inference_mode():
-        for q in dict.fromkeys(queries):
-            x = torch.tensor([tokenizer.encode(q).ids], dtype=torch.long)
-            qemb[q] = text(x, torch.ones_like(x))[0].float()
-        inputs = head_inputs(sl, prep.table())
-        inputs["query"] = torch.stack([qemb[q] for q in queries])
-        ref = head(**inputs).float().numpy()
-    valid = sl.valid.numpy()
-    held = HeldOut([], [], [], [], [], sl.grades.numpy(), valid, np.where(valid, ref, 0.0).astype(np.float32))
-    for i, sid in enumerate(sl.session_ids):
-        k = int(valid[i].sum())
-        seg = lg.slate(int(sid))
-        held.queries.append(queries[i])
-        held.candidates.append([ids[r] for r in sl.items[i, :k].tolist()])
-        held.recent.append([ids[r] for r in sl.user_items[i][sl.user_valid[i]].tolist()])
-        held.retrieval.append(np.asarray(lg.retrieval_score[seg][:k], np.float32))
-        held.ranks.append(np.asarray(lg.prod_rank[seg][:k], np.float32))
-    return held
-
-
 # ------------------------------------------------------------------------------------------------ manifest
 
 
 def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], components: dict[str, Any], store: Any,
               tspec: ExportSpec) -> dict[str, Any]:
-    from shared_model.data import HISTORY_LEN
-
     return {
         "format": BUNDLE_FORMAT,
         "format_version": BUNDLE_VERSION,
@@ -517,7 +367,7 @@ def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], componen
         "targets": list(opts.targets),
         "quantize": opts.quantize,
         "checkpoint": src.checkpoint_info,
-        "dims": {"text": int(tspec.output.shape[1]), "image": 1280, "dense": int(src.head.cfg.dense_dim)},
+        "dims": {"text": int(tspec.output.shape[1]), "image": IMAGE_DIM, "dense": int(src.head.cfg.dense_dim)},
         "tokenizer": {"file": TOKENIZER, "max_length": opts.max_length, "padding": "none (exact length) for ONNX; "
                       "zero-padded to the next signature for TFLite"},
         "components": components,
@@ -526,7 +376,7 @@ def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], componen
                     "embeddings": "int8 per row with float32 scales: x = q * scale"},
         "files": files,
         "bars": {"text_encoder_cosine_min": tspec.bar, "image_encoder_cosine_min": image_spec().bar,
-                 "head_kendall_tau_mean_min": head_spec(7).bar},
+                 "head_kendall_tau_mean_min": head_spec(DENSE_DIM).bar},
         "packages": _package_versions(),
     }
 
@@ -554,26 +404,7 @@ def _package_versions() -> dict[str, str]:
 
 
 def _dense_layout(store: Any) -> list[str]:
-    return [*store.dense_names, "first_stage_rank/50", "retrieval_score_z_in_slate", "log1p_price_minus_slate_median"]
-
-
-def _prices(catalog: Any, store: Any) -> np.ndarray:
-    price = {it.item_id: it.price for it in catalog}
-    return np.array([float(price.get(i, float("nan"))) for i in store.item_ids], dtype=np.float64)
-
-
-def _catalog_fidelity(store: Any, packed: PackedCatalog) -> dict[str, float]:
-    out = {}
-    rows = np.arange(len(store.item_ids))
-    for name in ("text", "image", "video"):
-        ref = store.modality(name)
-        got = packed.modality(name, rows)
-        present = np.abs(ref).sum(1) > 0
-        if present.any():
-            a, b = ref[present].astype(np.float64), got[present].astype(np.float64)
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-            out[f"{name}_cosine_min"] = float(cos.min())
-    return out
+    return [*store.dense_names, *SLATE_DENSE_NAMES]
 
 
 def _version(module: torch.nn.Module, *args: Any) -> str:

@@ -15,17 +15,22 @@ from typing import Any
 import numpy as np
 
 from client.runtime_bundle import (
-    HEAD_INPUTS,
     HEAD_OUTPUT,
     IMAGE_INPUT,
     IMAGE_OUTPUT,
     TEXT_INPUTS,
     TEXT_OUTPUT,
 )
+from shared_model.head_features import (
+    HEAD_INPUTS,
+    IMAGE_DIM,
+    IMAGE_SIZE,
+    NUM_MODALITIES,
+    PIXEL_MEAN,
+    PIXEL_SCALE,
+    TEXT_DIM,
+)
 
-TEXT_DIM = 384
-IMAGE_DIM = 1280
-IMAGE_SIZE = 224
 DEFAULT_MAX_LENGTH = 64  # the training pipeline's truncation of queries and item texts
 TEXT_SIGNATURE_TOKENS = (16, 32, 64)
 HEAD_SIGNATURE_SLATES = (20, 50, 100)
@@ -129,12 +134,12 @@ def image_spec() -> ExportSpec:
         bar=IMAGE_COSINE_BAR,
         atol_fp32=5e-3,  # pooled ReLU6 features, values up to ~6
         notes={"preprocess": {"size": IMAGE_SIZE, "resize": "bilinear", "color": "RGB, alpha over white",
-                              "normalise": "(x - 127) / 128", "layout": "NCHW"}},
+                              "normalise": f"(x - {PIXEL_MEAN:g}) / {PIXEL_SCALE:g}", "layout": "NCHW"}},
     )
 
 
 def head_spec(dense_dim: int, slates: tuple[int, ...] = HEAD_SIGNATURE_SLATES) -> ExportSpec:
-    per_item = {"item_text": TEXT_DIM, "item_image": IMAGE_DIM, "item_video": IMAGE_DIM, "item_mask": 3,
+    per_item = {"item_text": TEXT_DIM, "item_image": IMAGE_DIM, "item_video": IMAGE_DIM, "item_mask": NUM_MODALITIES,
                 "dense": dense_dim}
     per_user = {"query": TEXT_DIM, "user_text": TEXT_DIM, "user_image": IMAGE_DIM, "user_mask": 1}
     inputs = tuple(
@@ -190,7 +195,7 @@ def random_head_inputs(spec: ExportSpec, sizes: Mapping[str, int], seed: int = 0
 
 
 def random_images(n: int, seed: int = 0) -> np.ndarray:
-    """``[n, 3, 224, 224]`` normalised pixels of smooth random colour fields plus texture (not noise: noise
+    """``[n, 3, IMAGE_SIZE, IMAGE_SIZE]`` normalised pixels of smooth random colour fields plus texture (not noise: noise
     is far from the encoder's training images and exaggerates quantisation error)."""
     rng = np.random.default_rng(seed)
     yy, xx = np.meshgrid(np.linspace(0, 1, IMAGE_SIZE), np.linspace(0, 1, IMAGE_SIZE), indexing="ij")
@@ -204,5 +209,5 @@ def random_images(n: int, seed: int = 0) -> np.ndarray:
         blob = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
         img[:, blob] = rng.uniform(0, 255, size=(3, 1))
         img += rng.normal(0, 6, size=img.shape)
-        out[i] = (np.clip(img, 0, 255) - 127.0) / 128.0
+        out[i] = (np.clip(img, 0, 255) - PIXEL_MEAN) / PIXEL_SCALE
     return out

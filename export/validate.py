@@ -156,7 +156,7 @@ def _shape_matches(got: list[Any], want: tuple[int | str, ...]) -> bool:
 
 def validate_tflite(path: Path, spec: ExportSpec, probes: Sequence[Probe], quantized: bool) -> dict[str, Any]:
     """Each signature: input/output names, fixed shapes, values on probes at its sizes (one or more each)."""
-    from client.runtime import load_interpreter_class
+    from client.runtime_models import load_interpreter_class
 
     file = path.name
     try:

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message
@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from server import privacy
 from server.secagg import secagg_train_round
-from server.strategies import base_strategy, restore_strategy_state, strategy_state
+from server.strategies import min_train_nodes, restore_strategy_state, strategy_state
 from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import RunSettings, parse_run_config
@@ -153,7 +153,7 @@ def run_rounds(
                 "rejected_reasons": screened.rejected, "stale": stale,
                 "bytes_sent": _message_bytes(out_msgs), "bytes_received": _message_bytes(replies),
             }
-            if len(screened.accepted) >= max(1, base_strategy(strategy).min_train_nodes):
+            if len(screened.accepted) >= max(1, min_train_nodes(strategy)):
                 dp = privacy.before_aggregate(strategy, screened.accepted)  # None without a DP wrapper
                 agg_arrays, agg_metrics = strategy.aggregate_train(rnd, screened.accepted)
                 if agg_arrays is not None:
@@ -164,7 +164,7 @@ def run_rounds(
                                                                agg_arrays is not None)
             else:
                 log.warning("round %d: only %d usable replies (< min %d); global head unchanged",
-                            rnd, len(screened.accepted), base_strategy(strategy).min_train_nodes)
+                            rnd, len(screened.accepted), min_train_nodes(strategy))
                 record["train"] = {}
         if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
             record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
@@ -190,16 +190,18 @@ def _federated_eval(
     record["bytes_sent"] += _message_bytes(msgs)
     record["bytes_received"] += _message_bytes(replies)
     screened = screen_replies(replies, {}, is_train=False)
-    weight = sum(float(m.content.metric_records[METRICS][NUM_EXAMPLES]) for m in screened.accepted)
+    # screen_replies accepted only replies whose NUM_EXAMPLES is an int/float
+    weight = sum(float(cast(float, m.content.metric_records[METRICS][NUM_EXAMPLES]))
+                 for m in screened.accepted)
     agg = strategy.aggregate_evaluate(rnd, screened.accepted) if weight > 0 else None
     per_client: dict[str, list[float]] = {NDCG_GLOBAL: [], NDCG_PERSONAL: [], PNDCG_GLOBAL: [], PNDCG_PERSONAL: []}
     for m in screened.accepted:
         mr = m.content.metric_records[METRICS]
-        if float(mr[NUM_EXAMPLES]) <= 0:
+        if float(cast(float, mr[NUM_EXAMPLES])) <= 0:
             continue
         for k in per_client:
             if k in mr:
-                per_client[k].append(float(mr[k]))
+                per_client[k].append(float(cast(float, mr[k])))
     return {"aggregated": dict(agg or {}), "per_client": per_client, "failures": len(screened.failed)}
 
 
@@ -207,11 +209,10 @@ def _checkpoint(
     settings: RunSettings, state: LoopState, strategy: Strategy, rnd: int, out_dir: Path, ckpt_dir: Path
 ) -> None:
     model = arrays_to_head(settings, state.arrays)
-    kwargs = {
-        "run_config": settings.to_flat(), "round": rnd, "strategy_state": strategy_state(strategy),
-        "metrics_history": state.rounds, "seeds": {"server": settings.server.seed, "torch": torch.initial_seed()},
-    }
-    save_checkpoint(ckpt_dir / f"round-{rnd:03d}.pt", model, **kwargs)
-    save_checkpoint(out_dir / LAST, model, **kwargs)
+    run_config, strat = settings.to_flat(), strategy_state(strategy)
+    seeds = {"server": settings.server.seed, "torch": torch.initial_seed()}
+    for path in (ckpt_dir / f"round-{rnd:03d}.pt", out_dir / LAST):
+        save_checkpoint(path, model, run_config=run_config, round=rnd, strategy_state=strat,
+                        metrics_history=state.rounds, seeds=seeds)
 
 

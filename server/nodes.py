@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType, RecordDict
+from flwr.proto.node_pb2 import NodeInfo
 from flwr.serverapp import Grid
+from flwr.supercore.run import Run
 
 from shared_model.records import CONFIG, METRICS, PARTITION_ID
 
@@ -22,7 +24,7 @@ log = logging.getLogger(__name__)
 UNKNOWN = 1 << 62  # nodes that did not say: after the known ones, by node id
 
 
-class PartitionOrderedGrid:
+class PartitionOrderedGrid(Grid):
     """A Grid whose ``get_node_ids`` lists nodes by partition id; everything else goes to the wrapped grid."""
 
     def __init__(self, grid: Grid) -> None:
@@ -52,3 +54,28 @@ class PartitionOrderedGrid:
     def get_node_ids(self) -> Iterable[int]:
         ids = list(self._grid.get_node_ids())
         return sorted(ids, key=lambda n: (self.partition_of.get(n, UNKNOWN), n))
+
+    # the rest of Grid's interface: the wrapped grid's, unchanged
+    def set_run(self, run: Run) -> None:
+        self._grid.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._grid.run
+
+    def create_message(
+        self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str, ttl: float | None = None
+    ) -> Message:
+        return self._grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_nodes(self) -> Iterable[NodeInfo]:
+        return self._grid.get_nodes()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._grid.send_and_receive(messages, timeout=timeout)

@@ -114,11 +114,18 @@ def wrap_strategy(strategy: fs.Strategy, settings: RunSettings) -> fs.Strategy:
                clipped_count_stddev=p.clipped_count_stddev or None)
 
 
+# Flower's DP wrappers (wrap_strategy): each has .strategy, .clipping_norm, .noise_multiplier and
+# .num_sampled_clients
+DP_WRAPPERS = (
+    fs.DifferentialPrivacyServerSideFixedClipping,
+    fs.DifferentialPrivacyClientSideFixedClipping,
+    fs.DifferentialPrivacyServerSideAdaptiveClipping,
+    fs.DifferentialPrivacyClientSideAdaptiveClipping,
+)
+
+
 def is_dp_wrapper(strategy: fs.Strategy) -> bool:
-    return isinstance(strategy, (fs.DifferentialPrivacyServerSideFixedClipping,
-                                 fs.DifferentialPrivacyClientSideFixedClipping,
-                                 fs.DifferentialPrivacyServerSideAdaptiveClipping,
-                                 fs.DifferentialPrivacyClientSideAdaptiveClipping))
+    return isinstance(strategy, DP_WRAPPERS)
 
 
 def _noise_multiplier_for_updates(strategy: fs.Strategy) -> float:

@@ -61,9 +61,10 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
                              "ok": f"{rec['accepted']}/{rec['sampled']}"})
             bar.update(1)
 
-    grid = PartitionOrderedGrid(grid)  # seeded sampling picks the same devices in every launch and after resume
-    grid.learn_partitions(timeout=settings.server.round_timeout)
-    state = run_rounds(grid, strategy, settings, state, out, train_config,
+    # seeded sampling picks the same devices in every launch and after resume
+    ordered = PartitionOrderedGrid(grid)
+    ordered.learn_partitions(timeout=settings.server.round_timeout)
+    state = run_rounds(ordered, strategy, settings, state, out, train_config,
                        central_eval=lambda m: evaluate_model(m, test, table),
                        on_round=on_round,
                        max_update_norm=settings.faults.max_update_norm or None)  # 0 = no norm bound

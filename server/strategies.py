@@ -50,6 +50,14 @@ def base_strategy(strategy: fs.Strategy) -> fs.Strategy:
     return strategy
 
 
+def min_train_nodes(strategy: fs.Strategy) -> int:
+    """``min_train_nodes`` of the strategy inside any wrappers (every strategy in STRATEGIES is a FedAvg)."""
+    inner = base_strategy(strategy)
+    if not isinstance(inner, fs.FedAvg):
+        raise TypeError(f"{type(inner).__name__} is not a FedAvg: it has no min_train_nodes")
+    return inner.min_train_nodes
+
+
 def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:
     """Server-optimizer state (e.g. FedAdam's moments) as plain numpy, for checkpoints; reaches through DP
     wrappers, and keeps an adaptive-clipping wrapper's current clipping norm."""
@@ -72,7 +80,7 @@ def restore_strategy_state(strategy: fs.Strategy, state: dict[str, Any]) -> None
     if state.get("class") not in (None, type(inner).__name__):
         raise ValueError(f"checkpoint holds {state.get('class')} state, but the run uses {type(inner).__name__}")
     if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
-        strategy.clipping_norm = float(state["clipping_norm"])  # type: ignore[attr-defined]
+        strategy.clipping_norm = float(state["clipping_norm"])
     for attr in _STATE_ATTRS:
         if attr in state:
             setattr(inner, attr, {k: np.asarray(v.numpy() if hasattr(v, "numpy") else v)

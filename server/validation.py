@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -95,4 +96,4 @@ def _reply_key(msg: Message, is_train: bool) -> tuple[float, bytes]:
     if is_train:
         arrays = msg.content.array_records[ARRAYS]
         first = arrays[next(iter(arrays.keys()))].numpy().tobytes()[:64]
-    return (float(metrics[NUM_EXAMPLES]), first)
+    return (float(cast(float, metrics[NUM_EXAMPLES])), first)  # screen_replies checked it is an int/float

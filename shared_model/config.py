@@ -15,11 +15,9 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared_model.schema import IMAGE_DIM, TEXT_DIM, VIDEO_DIM
+from shared_model.head_features import DENSE_DIM, IMAGE_DIM, TEXT_DIM, VIDEO_DIM
 
 FUSION_MODES = ("concat", "gated", "attention")
-ITEM_DENSE_DIM = 4  # see features.FeatureStore.dense_names
-SLATE_DENSE_DIM = 3  # prod-rank fraction, retrieval score z, log price / slate median price
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,7 +33,7 @@ class ModelConfig:
     text_dim: int = TEXT_DIM
     image_dim: int = IMAGE_DIM
     video_dim: int = VIDEO_DIM
-    dense_dim: int = ITEM_DENSE_DIM + SLATE_DENSE_DIM
+    dense_dim: int = DENSE_DIM
     proj_dim: int = 48
     hidden: int = 96
     dropout: float = 0.1

@@ -3,6 +3,9 @@
 One :class:`Slates` holds N sessions padded to S candidates. Item embeddings are not copied per session: slates
 hold catalog rows into an :class:`ItemTable` (the feature store as tensors) and batches gather from it, so a
 device holds each item it has seen once.
+
+Every feature (slate features, dense layout, user context) is computed by ``shared_model/head_features.py``, the
+same numpy functions the on-device runtime calls; this module only gathers rows and pads.
 """
 
 from __future__ import annotations
@@ -15,9 +18,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from shared_model.head_features import (
+    HISTORY_LEN,
+    SLATE_DENSE_DIM,
+    head_feeds,
+    log_prices,
+    recent_history,
+    slate_features,
+    user_context,
+)
 from shared_model.schema import SessionLog
-
-HISTORY_LEN = 10  # recent clicked items that make up the on-device user context
 
 
 @dataclass
@@ -49,7 +59,7 @@ class Slates:
     query: Tensor  # [N, Dt]
     items: Tensor  # [N, S] long, rows into the ItemTable (0 at padding)
     valid: Tensor  # [N, S] bool
-    slate_dense: Tensor  # [N, S, 3] prod-rank fraction, retrieval-score z, log(price / slate median)
+    slate_dense: Tensor  # [N, S, SLATE_DENSE_DIM] head_features.slate_features (0 at padding)
     user_items: Tensor  # [N, H] long, recently clicked rows (0 at padding)
     user_valid: Tensor  # [N, H] bool
     clicks: Tensor  # [N, S] float
@@ -113,14 +123,14 @@ def build_slates(
     H = history_len
     items = np.zeros((n, S), np.int64)
     valid = np.zeros((n, S), bool)
-    sdense = np.zeros((n, S, 3), np.float32)
+    sdense = np.zeros((n, S, SLATE_DENSE_DIM), np.float32)
     clicks = np.zeros((n, S), np.float32)
     purch = np.zeros((n, S), np.float32)
     grades = np.zeros((n, S), np.float32)
     util = np.zeros((n, S), np.float32)
     uitems = np.zeros((n, H), np.int64)
     uvalid = np.zeros((n, H), bool)
-    log_price = np.log1p(np.nan_to_num(np.asarray(item_price, np.float64), nan=0.0))
+    log_price = log_prices(item_price)
     for s in range(n):
         sl = log.slate(s)
         k = min(sl.stop - sl.start, S)
@@ -131,12 +141,8 @@ def build_slates(
         purch[s, :k] = log.purchases[sl][:k]
         grades[s, :k] = log.grades[sl][:k]
         util[s, :k] = log.utility[sl][:k]
-        rs = log.retrieval_score[sl][:k].astype(np.float32)
-        sdense[s, :k, 0] = log.prod_rank[sl][:k] / 50.0
-        sdense[s, :k, 1] = (rs - rs.mean()) / (rs.std() + 1e-6)
-        lp = log_price[rows]
-        sdense[s, :k, 2] = lp - np.median(lp)
-        h = hist[s][-H:]
+        sdense[s, :k] = slate_features(log_price[rows], log.prod_rank[sl][:k], log.retrieval_score[sl][:k])
+        h = recent_history(hist[s], H)
         uitems[s, : len(h)] = h
         uvalid[s, : len(h)] = True
     if row_map is not None:
@@ -163,25 +169,15 @@ def build_slates(
 
 
 def head_inputs(batch: Slates, table: ItemTable) -> dict[str, Tensor]:
-    """Gather the head's keyword inputs for a batch of slates (see ``FusedRankingHead.forward``)."""
-    it = batch.items  # [B, S]
-    uv = batch.user_valid.float()  # [B, H]
-    n_hist = uv.sum(1, keepdim=True)  # [B, 1]
-    denom = n_hist.clamp(min=1.0)
-    ui = batch.user_items  # [B, H]
-    user_text = (table.text[ui] * uv[..., None]).sum(1) / denom  # [B, Dt]
-    user_image = (table.image[ui] * (uv * table.mask[ui][..., 1])[..., None]).sum(1) / denom  # [B, Di]
-    return {
-        "query": batch.query,
-        "item_text": table.text[it],
-        "item_image": table.image[it],
-        "item_video": table.video[it],
-        "item_mask": table.mask[it] * batch.valid[..., None].float(),
-        "dense": torch.cat([table.dense[it], batch.slate_dense], dim=-1),
-        "user_text": user_text,
-        "user_image": user_image,
-        "user_mask": (n_hist > 0).float(),
-    }
+    """The head's keyword inputs for a batch of slates (see ``FusedRankingHead.forward``): rows gathered from the
+    table, features from :func:`shared_model.head_features.head_feeds` and ``user_context`` (as on the device)."""
+    it, ui = batch.items, batch.user_items  # [B, S], [B, H]
+    user = user_context(table.text[ui].numpy(), table.image[ui].numpy(), table.mask[ui][..., 1].numpy(),
+                        batch.user_valid.numpy())  # [B, Dt], [B, Di], [B, 1]
+    feeds = head_feeds(batch.query.numpy(), table.text[it].numpy(), table.image[it].numpy(), table.video[it].numpy(),
+                       table.mask[it].numpy(), table.dense[it].numpy(), batch.slate_dense.numpy(), user,
+                       valid=batch.valid.numpy())
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}
 
 
 def iterate_batches(slates: Slates, batch_size: int, shuffle: bool, seed: int = 0) -> Iterator[Slates]:

@@ -37,22 +37,24 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Self
 
 import numpy as np
 import torch
 from PIL import Image
 
+if TYPE_CHECKING:
+    import onnxruntime
+    from tokenizers import Tokenizer
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from shared_model.schema import IMAGE_DIM, TEXT_DIM  # noqa: E402
+from shared_model.head_features import IMAGE_DIM, IMAGE_SIZE, PIXEL_MEAN, PIXEL_SCALE, TEXT_DIM  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-IMAGE_SIZE = 224
-PIXEL_MEAN = 127.0
-PIXEL_SCALE = 128.0
 DEFAULT_TEXT_MAX_LENGTH = 64
 
 
@@ -67,7 +69,7 @@ def tokenizer_path() -> Path:
     return _text_model_dir() / "tokenizer.json"
 
 
-def make_tokenizer(max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.Tokenizer
+def make_tokenizer(max_length: int = DEFAULT_TEXT_MAX_LENGTH) -> Tokenizer:
     """A fresh ``tokenizers.Tokenizer``: truncation at ``max_length`` (incl. [CLS]/[SEP]), NO padding.
 
     The shipped tokenizer.json pads/truncates to a fixed 128; both are overridden here.
@@ -92,7 +94,7 @@ class _Frozen(torch.nn.Module):
             self.requires_grad_(False)
         self.eval()
 
-    def train(self, mode: bool = True):  # type: ignore[override]
+    def train(self, mode: bool = True) -> Self:
         return super().train(mode and not self.frozen)
 
 
@@ -104,7 +106,7 @@ class _TextAPI:
 
     dim = TEXT_DIM
     name = "all-MiniLM-L6-v2"
-    _tokenizers: dict[int, object]
+    _tokenizers: dict[int, Tokenizer]
 
     @staticmethod
     def version(max_length: int = DEFAULT_TEXT_MAX_LENGTH) -> str:
@@ -114,7 +116,7 @@ class _TextAPI:
     def _embed(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def tokenizer(self, max_length: int = DEFAULT_TEXT_MAX_LENGTH):  # -> tokenizers.Tokenizer
+    def tokenizer(self, max_length: int = DEFAULT_TEXT_MAX_LENGTH) -> Tokenizer:
         tok = self._tokenizers.get(max_length)
         if tok is None:
             tok = self._tokenizers[max_length] = make_tokenizer(max_length)
@@ -228,7 +230,7 @@ def _onnx_session(
     input_names: list[str],
     dynamic_axes: dict[str, dict[int, str]],
     num_threads: int | None,
-):  # -> onnxruntime.InferenceSession
+) -> onnxruntime.InferenceSession:
     """Export ``model`` to ONNX in memory (TorchScript exporter, opset 17) and open a CPU session."""
     import warnings
 
@@ -238,8 +240,11 @@ def _onnx_session(
     model.eval()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # legacy-exporter deprecation + tracer notes from transformers
+        # torch types f as str | PathLike, but the TorchScript exporter (dynamo=False) also writes to a
+        # file object
         torch.onnx.export(
-            model, example, buf, dynamo=False, opset_version=17, input_names=input_names,
+            model, example, buf,  # type: ignore[arg-type]
+            dynamo=False, opset_version=17, input_names=input_names,
             output_names=["embedding_out"], dynamic_axes={**dynamic_axes, "embedding_out": {0: "batch"}},
         )
     so = ort.SessionOptions()
@@ -261,7 +266,7 @@ def decode_image(data: bytes, name: str = "<bytes>") -> Image.Image | None:
     try:
         with Image.open(io.BytesIO(data)) as probe:
             probe.verify()
-        img = Image.open(io.BytesIO(data))
+        img: Image.Image = Image.open(io.BytesIO(data))
         img.load()
         if img.width < 1 or img.height < 1:
             raise ValueError("empty image")
@@ -312,7 +317,7 @@ class _ImageAPI:
             if img.mode != "RGB":
                 img = img.convert("RGB")
             if img.size != (IMAGE_SIZE, IMAGE_SIZE):
-                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+                img = img.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
             arr[i] = np.asarray(img, dtype=np.uint8)
         x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
         return (x - PIXEL_MEAN) / PIXEL_SCALE

@@ -38,12 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_model.config import ModelConfig
+from shared_model.head_features import NUM_MODALITIES
 
-NUM_MODALITIES = 3  # text, image, video
 PERSONAL_PREFIX = "out."  # parameters kept on the device when model.personal-layers is on (FedPer)
 
 
 class FusedRankingHead(nn.Module):
+    enabled: Tensor  # buffer registered in __init__ (which modalities this configuration may use)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.cfg = cfg

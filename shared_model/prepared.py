@@ -18,12 +18,13 @@ import torch
 
 from shared_model.catalog_io import load_catalog
 from shared_model.data import ItemTable, Slates, build_slates, split_by_time
-from shared_model.features import FeatureStore, build_feature_store, encode_queries, feature_cache_dir
+from shared_model.embedding_cache import feature_cache_dir
+from shared_model.features import FeatureStore, build_feature_store, encode_queries
+from shared_model.head_features import MAX_POSITIONS
 from shared_model.propensity import aggregate_position_counts, fit_power_law
 from shared_model.schema import Catalog, SessionLog, atomic_write
 
 log = logging.getLogger(__name__)
-MAX_POSITIONS = 50
 TEST_FRAC = 0.2
 
 

@@ -20,10 +20,12 @@ from pathlib import Path
 
 import numpy as np
 
-TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
-IMAGE_DIM = 1280  # EfficientNet-Lite0 pooled features
-VIDEO_DIM = IMAGE_DIM  # frames through the image encoder + temporal mean pooling
-MODALITIES = ("text", "image", "video")
+# the embedding dimensions and modality order live with the head's other inputs (shared_model/head_features.py)
+from shared_model.head_features import IMAGE_DIM as IMAGE_DIM
+from shared_model.head_features import MODALITIES as MODALITIES
+from shared_model.head_features import TEXT_DIM as TEXT_DIM
+from shared_model.head_features import VIDEO_DIM as VIDEO_DIM
+
 CORE_FIELDS = (
     "item_id", "title", "description", "category", "brand", "color",
     "price", "rating", "image_path", "video_frames",

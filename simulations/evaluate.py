@@ -16,7 +16,8 @@ import numpy as np
 
 from shared_model.catalog_io import CatalogError, load_catalog, load_judgments
 from shared_model.data import ItemTable, build_slates
-from shared_model.features import build_feature_store, encode_queries, feature_cache_dir
+from shared_model.embedding_cache import feature_cache_dir
+from shared_model.features import build_feature_store, encode_queries
 from shared_model.head import FusedRankingHead
 from shared_model.schema import Catalog, SessionLog, atomic_write
 from shared_model.training import ranking_metrics, score_slates

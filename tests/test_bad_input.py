@@ -1,8 +1,7 @@
 """The bad-input matrix: every malformed input gives a typed error naming the file, line or field.
 
 One row per case, grouped by input: catalogs, session logs (``sessions.npz``), relevance judgments, run configs
-and scenario files, checkpoints, exported bundles, and Flower messages (a client reply the server must refuse, a
-train message the client cannot use). Each row asserts the exception type and what the message names. The CLI
+and scenario files, checkpoints, exported bundles (Flower messages: ``test_bad_messages.py``). Each row asserts the exception type and what the message names. The CLI
 rows run ``fedrank`` itself: exit code 2, one error line on stderr, no traceback, and output files absent (or
 untouched when they existed before the failing command).
 """
@@ -10,8 +9,6 @@ untouched when they existed before the failing command).
 from __future__ import annotations
 
 import json
-import logging
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,37 +19,42 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from flwr.app import (
-    Array,
-    ArrayRecord,
-    ConfigRecord,
-    Context,
-    Error,
-    Message,
-    MessageType,
-    MetricRecord,
-    RecordDict,
-)
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.runtime import Reranker
 from client.runtime_bundle import BundleError, read_manifest
 from export.errors import ExportError
 from fedrank.cli import main
-from server.validation import screen_replies
-from shared_model.catalog_io import CatalogError, load_catalog, load_judgments, save_catalog_jsonl
+from shared_model.catalog_io import CatalogError, load_catalog, load_judgments
 from shared_model.checkpoint import CheckpointError, load_checkpoint
-from shared_model.config import ConfigError, ModelConfig, load_defaults, merge_overrides, parse_run_config
-from shared_model.head import build_head
-from shared_model.records import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, TRAIN_LOSS
-from shared_model.schema import Catalog, CatalogItem, SessionLog, SessionLogError
-from simulations.evaluate import JudgmentsError, evaluate_judgments
-
-ROOT = Path(__file__).resolve().parent.parent
-HEADER = "item_id,title,description,category,brand,color,price,rating,image_path,video_frames"
-ROWS = ["a1,red cotton t-shirt,,tshirt,acme,red,10,4.0,,", "a2,blue cotton t-shirt,,tshirt,acme,blue,12,4.5,,",
-        "a3,ceramic coffee mug,,mug,acme,white,8,,,"]
-JUDGMENTS = ["query,item_id,grade", "red t-shirt,a1,3", "red t-shirt,a2,1", "coffee mug,a3,3"]
+from shared_model.config import ConfigError, load_defaults, merge_overrides, parse_run_config
+from shared_model.schema import SessionLog, SessionLogError
+from simulations.evaluate import JudgmentsError
+from tests.bad_inputs import (
+    _DELETE,
+    GOOD_JSONL,
+    HEADER,
+    JUDGMENTS,
+    ROOT,
+    ROWS,
+    _bundle_copy,
+    _bundle_corrupt_file,
+    _bundle_garbage_catalog,
+    _bundle_missing_file,
+    _csv,
+    _data_dir,
+    _edit_manifest,
+    _evaluate,
+    _head_file,
+    _jsonl,
+    _log_file,
+    _manifest_text,
+    _replace,
+    _scenario,
+    _scenario_config,
+    _set,
+    _write,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -69,155 +71,6 @@ class Case:
     make: Callable[[Path], Callable[[], object]]
     exc: type[BaseException]
     names: tuple[str, ...]
-
-
-# ------------------------------------------------------------------------------------------ writers
-
-
-def _write(path: Path, text: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(text, bytes):
-        path.write_bytes(text)
-    else:
-        path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _csv(tmp: Path, rows: list[str], header: str = HEADER, name: str = "catalog.csv") -> Path:
-    return _write(tmp / name, "\n".join([header, *rows]) + "\n")
-
-
-def _replace(rows: list[str], i: int, row: str) -> list[str]:
-    return [row if k == i else r for k, r in enumerate(rows)]
-
-
-def _jsonl(tmp: Path, lines: list[str], name: str = "catalog.jsonl") -> Path:
-    return _write(tmp / name, "\n".join(lines) + "\n")
-
-
-GOOD_JSONL = [json.dumps({"item_id": "a1", "title": "red cotton t-shirt", "price": 10}),
-              json.dumps({"item_id": "a2", "title": "ceramic coffee mug", "video_frames": ["f0.jpg", "f1.jpg"]})]
-
-
-def _session_log() -> SessionLog:
-    """3 sessions of 3 impressions over a 3-item catalog."""
-    n, s = 3, 3
-    return SessionLog(
-        user=np.array([0, 0, 1], np.int32), query=np.array([0, 1, 0], np.int32), randomized=np.zeros(n, bool),
-        timestamp=np.arange(n, dtype=np.int64), offsets=np.arange(0, n * s + 1, s, dtype=np.int64),
-        items=np.tile(np.arange(s, dtype=np.int32), n), clicks=np.eye(n, s, dtype=np.uint8).ravel(),
-        purchases=np.zeros(n * s, np.uint8), prod_rank=np.tile(np.arange(s, dtype=np.int16), n),
-        retrieval_score=np.zeros(n * s, np.float32), grades=np.ones(n * s, np.uint8),
-        utility=np.zeros(n * s, np.float32), queries=["red t-shirt", "coffee mug"],
-    )
-
-
-def _log_file(tmp: Path, **changes: Any) -> Path:
-    """A saved session log with arrays replaced (``None`` deletes one)."""
-    path = tmp / "sessions.npz"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _session_log().save(path)
-    if changes:
-        with np.load(path) as z:
-            arrays = {k: z[k] for k in z.files}
-        for k, v in changes.items():
-            if v is None:
-                del arrays[k]
-            else:
-                arrays[k] = v
-        np.savez(path, **arrays)
-    return path
-
-
-def _data_dir(tmp: Path, **log_changes: Any) -> Path:
-    """A data folder (catalog.jsonl + sessions.npz) as ``fedrank generate`` writes it, minus images."""
-    d = tmp / "data"
-    items = [CatalogItem(item_id=f"a{k}", title=t, price=10.0 + k)
-             for k, t in enumerate(["red cotton t-shirt", "blue cotton t-shirt", "ceramic coffee mug"])]
-    save_catalog_jsonl(Catalog(items), _write(d / "catalog.jsonl", ""))
-    _log_file(d, **log_changes)
-    return d
-
-
-def _scenario(tmp: Path, text: str) -> Path:
-    return _write(tmp / "bad.toml", text)
-
-
-def _scenario_config(path: Path) -> Callable[[], object]:
-    from simulations.runner import scenario_config
-
-    return lambda: parse_run_config(scenario_config(str(path)))
-
-
-def _evaluate(tmp: Path, judgments: list[str]) -> Callable[[], object]:
-    cat = _csv(tmp, ROWS)
-    judg = _write(tmp / "judgments.csv", "\n".join(judgments) + "\n")
-    return lambda: evaluate_judgments(cat, judg, {}, tmp / "eval", progress=False)
-
-
-# ------------------------------------------------------------------------------------------ bundles
-
-
-def _bundle_copy(tmp: Path) -> Path:
-    from test_export import tiny_setup  # the module pytest collected: its bundle is built once per session
-
-    dst = tmp / "bundle"
-    shutil.copytree(tiny_setup()[2] / "b", dst)
-    return dst
-
-
-def _manifest(b: Path) -> dict[str, Any]:
-    return json.loads((b / "manifest.json").read_text())
-
-
-def _head_file(b: Path) -> str:
-    return str(_manifest(b)["components"]["head"]["files"]["onnx"])
-
-
-def _edit_manifest(tmp: Path, edit: Callable[[dict[str, Any]], None]) -> Callable[[], object]:
-    b = _bundle_copy(tmp)
-    man = _manifest(b)
-    edit(man)
-    (b / "manifest.json").write_text(json.dumps(man))
-    return lambda: Reranker.load(b, backend="onnx")
-
-
-def _bundle_missing_file(tmp: Path) -> Callable[[], object]:
-    b = _bundle_copy(tmp)
-    (b / _head_file(b)).unlink()
-    return lambda: Reranker.load(b, backend="onnx")
-
-
-def _bundle_corrupt_file(tmp: Path) -> Callable[[], object]:
-    b = _bundle_copy(tmp)
-    data = bytearray((b / _head_file(b)).read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    (b / _head_file(b)).write_bytes(bytes(data))
-    return lambda: Reranker.load(b, backend="onnx")
-
-
-def _bundle_garbage_catalog(tmp: Path) -> Callable[[], object]:
-    b = _bundle_copy(tmp)
-    (b / "catalog.npz").write_bytes(b"\x00garbage" * 10)
-    return lambda: Reranker.load(b, backend="onnx", verify=False)
-
-
-def _manifest_text(tmp: Path, text: str) -> Callable[[], object]:
-    b = _bundle_copy(tmp)
-    (b / "manifest.json").write_text(text)
-    return lambda: read_manifest(b)
-
-
-def _set(key: str, value: Any) -> Callable[[dict[str, Any]], None]:
-    def edit(man: dict[str, Any]) -> None:
-        if value is _DELETE:
-            del man[key]
-        else:
-            man[key] = value
-    return edit
-
-
-_DELETE = object()
 
 
 # ------------------------------------------------------------------------------------------ the matrix
@@ -421,142 +274,6 @@ def test_skip_bad_skips_unknown_judged_items(tmp_path: Path) -> None:
     judg = _write(tmp_path / "judgments.csv", "\n".join([*JUDGMENTS, "red t-shirt,zz9,1"]) + "\n")
     assert load_judgments(judg, skip_bad=True, catalog=load_catalog(cat)) == [
         ("red t-shirt", "a1", 3), ("red t-shirt", "a2", 1), ("coffee mug", "a3", 3)]
-
-
-# ------------------------------------------------------------------------------------------ messages: the server
-
-
-REF = {"w": np.zeros((3, 2), np.float32), "b": np.zeros(2, np.float32)}
-NODE = 4242
-
-
-def _reply(arrays: dict[str, np.ndarray] | None = None, metrics: dict[str, Any] | None = None,
-           kind: str = MessageType.TRAIN) -> Message:
-    req = Message(content=RecordDict(), message_type=kind, dst_node_id=NODE)
-    content: dict[str, Any] = {}
-    if arrays is not None:
-        content[ARRAYS] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    if metrics is not None:
-        content[METRICS] = MetricRecord(metrics)
-    return Message(content=RecordDict(content), reply_to=req)
-
-
-GOOD = {"w": np.ones((3, 2), np.float32), "b": np.ones(2, np.float32)}
-
-
-@dataclass(frozen=True)
-class ReplyCase:
-    id: str
-    reply: Callable[[], Message]
-    reason: str
-    is_train: bool = True
-    failed: bool = False  # a client error (counted as a failure), not a refused update
-
-
-REPLY_CASES = [
-    ReplyCase("nan-array", lambda: _reply({**GOOD, "w": np.full((3, 2), np.nan, np.float32)}, {NUM_EXAMPLES: 5}),
-              "non-finite values in w"),
-    ReplyCase("inf-array", lambda: _reply({**GOOD, "b": np.array([np.inf, 0], np.float32)}, {NUM_EXAMPLES: 5}),
-              "non-finite values in b"),
-    ReplyCase("wrong-shape", lambda: _reply({**GOOD, "w": np.ones((2, 3), np.float32)}, {NUM_EXAMPLES: 5}),
-              "wrong shape for w: (2, 3) != (3, 2)"),
-    ReplyCase("missing-key", lambda: _reply({"w": GOOD["w"]}, {NUM_EXAMPLES: 5}), "wrong keys (missing ['b']"),
-    ReplyCase("unexpected-key", lambda: _reply({**GOOD, "clicks": np.ones(3, np.float32)}, {NUM_EXAMPLES: 5}),
-              "unexpected ['clicks']"),
-    ReplyCase("int-dtype", lambda: _reply({**GOOD, "b": np.ones(2, np.int64)}, {NUM_EXAMPLES: 5}),
-              "wrong dtype for b: int64"),
-    ReplyCase("no-arrays", lambda: _reply(None, {NUM_EXAMPLES: 5}), "no arrays"),
-    ReplyCase("negative-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: -3}), "bad num-examples=-3"),
-    ReplyCase("zero-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: 0}), "bad num-examples=0"),
-    ReplyCase("nan-num-examples", lambda: _reply(GOOD, {NUM_EXAMPLES: float("nan")}), "bad num-examples=nan"),
-    ReplyCase("no-num-examples", lambda: _reply(GOOD, {TRAIN_LOSS: 0.3}), "no 'num-examples' metric"),
-    ReplyCase("no-metrics", lambda: _reply(GOOD, None), "no 'num-examples' metric"),
-    ReplyCase("nan-train-loss", lambda: _reply(GOOD, {NUM_EXAMPLES: 5, TRAIN_LOSS: float("nan")}),
-              "non-finite metric values ['train-loss']"),
-    ReplyCase("eval-nan-metric", lambda: _reply(None, {NUM_EXAMPLES: 5, "ndcg@10-global": float("inf")},
-                                                MessageType.EVALUATE),
-              "non-finite metric values ['ndcg@10-global']", is_train=False),
-    ReplyCase("eval-negative-num-examples", lambda: _reply(None, {NUM_EXAMPLES: -1}, MessageType.EVALUATE),
-              "bad num-examples=-1", is_train=False),
-    ReplyCase("client-error", lambda: Message(Error(code=0, reason="KeyError: 'arrays'"),
-                                              reply_to=Message(RecordDict(), message_type=MessageType.TRAIN,
-                                                               dst_node_id=NODE)),
-              "KeyError: 'arrays'", failed=True),
-]
-
-
-@pytest.mark.parametrize("case", REPLY_CASES, ids=[c.id for c in REPLY_CASES])
-def test_bad_reply_is_refused_and_logged_with_the_reason(case: ReplyCase, caplog: pytest.LogCaptureFixture) -> None:
-    # Prepare: one good reply beside the bad one
-    good = _reply(GOOD, {NUM_EXAMPLES: 5}) if case.is_train else _reply(None, {NUM_EXAMPLES: 5}, MessageType.EVALUATE)
-    bad = case.reply()
-    # Execute
-    with caplog.at_level(logging.WARNING, logger="server.validation"):
-        out = screen_replies([good, bad], REF if case.is_train else {}, is_train=case.is_train)
-    # Assert: the good reply alone is aggregated; the bad one is listed and logged with its node and reason
-    assert out.accepted == [good]
-    listed = out.failed if case.failed else out.rejected
-    assert len(listed) == 1 and len(out.failed) + len(out.rejected) == 1
-    assert f"node {bad.metadata.src_node_id}" in listed[0] and case.reason in listed[0], listed
-    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any(case.reason in m and str(bad.metadata.src_node_id) in m for m in logged), logged
-
-
-# ------------------------------------------------------------------------------------------ messages: the client
-
-
-@pytest.fixture
-def client_app(tmp_path: Path) -> Any:
-    from client.client_app import make_client_app
-    from shared_model.shards import partition_users, shard_dir, write_shards
-    from tests.synthetic import synthetic_prepared
-
-    prep = synthetic_prepared(tmp_path / "data")
-    overrides = {"data.dir": str(tmp_path / "data"), "partition.num-clients": 2, "partition.scheme": "iid",
-                 "train.batch-size": 8}
-    settings = parse_run_config(merge_overrides(load_defaults(), overrides))
-    users = np.unique(prep.log.user)
-    write_shards(prep, shard_dir(settings), partition_users(users, np.zeros(len(users), np.int64), "iid", 2))
-    return make_client_app(overrides)
-
-
-def _head_arrays(**change: Any) -> ArrayRecord:
-    state = {k: v.numpy() for k, v in build_head(ModelConfig(), seed=0).state_dict().items()}
-    for k, v in change.items():
-        key = k.replace("__", ".")
-        if v is None:
-            del state[key]
-        else:
-            state[key] = v
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in state.items()})
-
-
-TRAIN_MESSAGE_CASES = [
-    ("no-arrays", lambda: None, ValueError, ("without an 'arrays' record",)),
-    ("missing-key", lambda: _head_arrays(out__bias=None), ValueError, ("does not match the head", "out.bias")),
-    ("unexpected-key", lambda: _head_arrays(user__history=np.zeros(3, np.float32)), ValueError,
-     ("does not match the head", "user.history")),
-    ("wrong-shape", lambda: _head_arrays(out__bias=np.zeros(2, np.float32)), ValueError,
-     ("size mismatch for out.bias",)),
-]
-
-
-@pytest.mark.parametrize(("arrays", "exc", "names"), [c[1:] for c in TRAIN_MESSAGE_CASES],
-                         ids=[c[0] for c in TRAIN_MESSAGE_CASES])
-def test_unusable_train_message_fails_the_client_naming_the_record_or_key(
-    client_app: Any, arrays: Callable[[], ArrayRecord | None], exc: type[BaseException], names: tuple[str, ...],
-) -> None:
-    """The ClientApp raises (Flower turns that into an error reply, which the server counts as a failure with this
-    text as the reason: see the ``client-error`` reply case above)."""
-    content: dict[str, Any] = {CONFIG: ConfigRecord({"server-round": 1, "propensity-eta": 1.0})}
-    if (a := arrays()) is not None:
-        content[ARRAYS] = a
-    msg = Message(content=RecordDict(content), message_type=MessageType.TRAIN, dst_node_id=7)
-    ctx = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 2}, state=RecordDict(),
-                  run_config={})
-    with pytest.raises(exc) as info:
-        client_app(msg, ctx)
-    assert all(n in str(info.value) for n in names), str(info.value)
 
 
 # ------------------------------------------------------------------------------------------ the CLI

@@ -57,7 +57,7 @@ def test_train_returns_updated_head_and_scalar_metrics(setup) -> None:
     content = reply.content
     assert set(content.array_records) == {ARRAYS} and set(content.metric_records) == {METRICS}
     assert not content.config_records
-    new = content[ARRAYS]
+    new = content.array_records[ARRAYS]
     assert set(new.keys()) == set(arrays.keys())
     changed = any(not np.allclose(new[k].numpy(), arrays[k].numpy()) for k in arrays.keys())
     assert changed
@@ -70,8 +70,8 @@ def test_train_is_deterministic_per_round_and_client(setup) -> None:
     overrides, _ = setup
     app = make_client_app(overrides)
     arrays = ArrayRecord(build_head(ModelConfig(), seed=0).state_dict())
-    a = app(_message(MessageType.TRAIN, arrays), _context(1)).content[ARRAYS]
-    b = app(_message(MessageType.TRAIN, arrays), _context(1)).content[ARRAYS]
+    a = app(_message(MessageType.TRAIN, arrays), _context(1)).content.array_records[ARRAYS]
+    b = app(_message(MessageType.TRAIN, arrays), _context(1)).content.array_records[ARRAYS]
     for k in a.keys():
         np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
 
@@ -81,10 +81,12 @@ def test_evaluate_reports_global_and_personal_ndcg(setup) -> None:
     app = make_client_app({**overrides, "train.finetune-steps": 3})
     arrays = ArrayRecord(build_head(ModelConfig(), seed=0).state_dict())
     reply = app(_message(MessageType.EVALUATE, arrays), _context(2))
-    metrics = reply.content[METRICS]
+    metrics = reply.content.metric_records[METRICS]
     assert not reply.content.array_records
     assert {NUM_EXAMPLES, NDCG_GLOBAL, NDCG_PERSONAL} <= set(metrics.keys())
-    assert 0.0 <= metrics[NDCG_GLOBAL] <= 1.0 and 0.0 <= metrics[NDCG_PERSONAL] <= 1.0
+    ndcg_global, ndcg_personal = metrics[NDCG_GLOBAL], metrics[NDCG_PERSONAL]
+    assert isinstance(ndcg_global, int | float) and isinstance(ndcg_personal, int | float)
+    assert 0.0 <= ndcg_global <= 1.0 and 0.0 <= ndcg_personal <= 1.0
 
 
 def test_personal_layers_stay_in_client_state(setup) -> None:

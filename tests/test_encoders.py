@@ -39,12 +39,16 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def text_enc() -> TextEncoder:
-    return load_text_encoder()
+    enc = load_text_encoder()
+    assert isinstance(enc, TextEncoder)  # the default backend is torch
+    return enc
 
 
 @pytest.fixture(scope="module")
 def image_enc() -> ImageEncoder:
-    return load_image_encoder()
+    enc = load_image_encoder()
+    assert isinstance(enc, ImageEncoder)  # the default backend is torch
+    return enc
 
 
 def _cos(a: np.ndarray, b: np.ndarray) -> float:
@@ -165,7 +169,7 @@ def test_encode_paths_tolerates_bad_files(image_enc: ImageEncoder, tmp_path: Pat
     empty.write_bytes(b"")
     paths = [str(good), str(truncated), str(garbage), str(tmp_path / "missing.png"), str(empty), str(jpg),
              None, str(tmp_path)]
-    f, ok = image_enc.encode_paths(paths, batch_size=2)  # type: ignore[arg-type]
+    f, ok = image_enc.encode_paths(paths, batch_size=2)
     assert f.shape == (len(paths), IMAGE_DIM)
     assert ok.tolist() == [True, False, False, False, False, True, False, False]
     assert (f[~ok] == 0).all() and (np.abs(f[ok]).sum(axis=1) > 0).all()

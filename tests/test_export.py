@@ -25,11 +25,14 @@ from export.bundle import ExportOptions, Sources, _choose, export_bundle
 from export.errors import ExportError, ExportValidationError
 from export.spec import HEAD_INPUTS, head_spec, image_spec, random_head_inputs, random_images, text_spec
 from shared_model.config import ModelConfig, TrainConfig
-from shared_model.head import build_head
+from shared_model.head import FusedRankingHead, build_head
+from shared_model.head_features import DENSE_DIM
 from shared_model.training import train_epochs
 from tests.synthetic import synthetic_prepared
 
 # --------------------------------------------------------------------------------------------- fixtures
+
+Built = tuple[Any, FusedRankingHead, Path]  # (synthetic Prepared, trained head, folder holding the bundle "b")
 
 
 class TinyText(nn.Module):
@@ -65,7 +68,7 @@ class TinyImage(nn.Module):
 
 
 @functools.cache
-def tiny_setup() -> tuple[Any, nn.Module, Path]:
+def tiny_setup() -> Built:
     """(synthetic Prepared, briefly trained head, a directory holding the exported bundle ``b``), built once."""
     root = Path(tempfile.mkdtemp(prefix="fedrank-test-export-"))
     prep = synthetic_prepared(root / "data", num_items=150, num_users=40, sessions_per_user=10, slate=20)
@@ -78,19 +81,19 @@ def tiny_setup() -> tuple[Any, nn.Module, Path]:
 
 
 @pytest.fixture(scope="module")
-def built() -> tuple[Any, nn.Module, Path]:
+def built() -> Built:
     return tiny_setup()
 
 
 @pytest.fixture(scope="module")
-def manifest(built: tuple[Any, nn.Module, Path]) -> dict[str, Any]:
+def manifest(built: Built) -> dict[str, Any]:
     return json.loads((built[2] / "b" / "manifest.json").read_text())
 
 
 # --------------------------------------------------------------------------------------------- manifest
 
 
-def test_manifest_describes_every_file(built: tuple[Any, nn.Module, Path], manifest: dict[str, Any]) -> None:
+def test_manifest_describes_every_file(built: Built, manifest: dict[str, Any]) -> None:
     bundle = built[2] / "b"
     assert manifest["format"] == BUNDLE_FORMAT and manifest["format_version"] == BUNDLE_VERSION
     on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
@@ -131,7 +134,7 @@ def test_tflite_signatures_per_fixed_size(manifest: dict[str, Any]) -> None:
 
 
 def _spec(comp: str) -> Any:
-    return {"text_encoder": text_spec(), "image_encoder": image_spec(), "head": head_spec(7)}[comp]
+    return {"text_encoder": text_spec(), "image_encoder": image_spec(), "head": head_spec(DENSE_DIM)}[comp]
 
 
 # ------------------------------------------------------------------------------------ parity per file
@@ -150,7 +153,7 @@ def _cos_min(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("batch,tokens", [(1, 5), (2, 16), (4, 40)])
-def test_text_encoder_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, Path], manifest: dict[str, Any],
+def test_text_encoder_onnx_parity_at_batch_sizes(built: Built, manifest: dict[str, Any],
                                                  batch: int, tokens: int) -> None:
     rng = np.random.default_rng(batch)
     ids = rng.integers(1000, 29000, size=(batch, tokens))
@@ -165,11 +168,11 @@ def test_text_encoder_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, Pa
 
 
 @pytest.mark.parametrize("batch,slate", [(1, 3), (2, 20), (3, 64)])
-def test_head_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, Path], manifest: dict[str, Any],
+def test_head_onnx_parity_at_batch_sizes(built: Built, manifest: dict[str, Any],
                                          batch: int, slate: int) -> None:
     from shared_model.metrics import kendall_tau
 
-    spec = head_spec(7)
+    spec = head_spec(DENSE_DIM)
     x = random_head_inputs(spec, {"batch": batch, "slate": slate}, seed=slate)
     sess = _ort(built[2] / "b" / manifest["components"]["head"]["files"]["onnx"])
     got = sess.run(None, x)[0]
@@ -183,7 +186,7 @@ def test_head_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, Path], man
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_image_encoder_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, Path], manifest: dict[str, Any],
+def test_image_encoder_onnx_parity_at_batch_sizes(built: Built, manifest: dict[str, Any],
                                                   batch: int) -> None:
     pix = random_images(batch, seed=7)
     sess = _ort(built[2] / "b" / manifest["components"]["image_encoder"]["files"]["onnx"])
@@ -194,13 +197,13 @@ def test_image_encoder_onnx_parity_at_batch_sizes(built: tuple[Any, nn.Module, P
     assert _cos_min(got, want) >= 0.99
 
 
-def test_tflite_files_parity_every_signature(built: tuple[Any, nn.Module, Path], manifest: dict[str, Any]) -> None:
-    from client.runtime import load_interpreter_class
+def test_tflite_files_parity_every_signature(built: Built, manifest: dict[str, Any]) -> None:
+    from client.runtime_models import load_interpreter_class
 
     bundle = built[2] / "b"
     interp_cls = load_interpreter_class()
     head = interp_cls(model_path=str(bundle / manifest["components"]["head"]["files"]["tflite"]), num_threads=1)
-    spec = head_spec(7)
+    spec = head_spec(DENSE_DIM)
     for s in (20, 50, 100):
         x = random_head_inputs(spec, {"batch": 1, "slate": s}, seed=s + 1)
         got = head.get_signature_runner(f"s{s}")(**x)["scores"]
@@ -234,7 +237,7 @@ def _no_leftovers(parent: Path, name: str) -> bool:
     return not any(p.name.startswith(f".{name}.") for p in parent.iterdir())
 
 
-def test_failed_validation_raises_typed_error_and_writes_nothing(built: tuple[Any, nn.Module, Path],
+def test_failed_validation_raises_typed_error_and_writes_nothing(built: Built,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     import export.bundle as eb
 
@@ -248,7 +251,7 @@ def test_failed_validation_raises_typed_error_and_writes_nothing(built: tuple[An
     assert not out.exists() and _no_leftovers(root, "failed")
 
 
-def test_failed_overwrite_keeps_the_previous_bundle(built: tuple[Any, nn.Module, Path],
+def test_failed_overwrite_keeps_the_previous_bundle(built: Built,
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     import export.spec as es
 
@@ -264,7 +267,7 @@ def test_failed_overwrite_keeps_the_previous_bundle(built: tuple[Any, nn.Module,
     assert (out / "manifest.json").read_text() == before and _no_leftovers(root, "keep")
 
 
-def test_existing_destination_needs_overwrite(built: tuple[Any, nn.Module, Path]) -> None:
+def test_existing_destination_needs_overwrite(built: Built) -> None:
     prep, head, root = built
     with pytest.raises(ExportError, match="exists"):
         export_bundle(Sources(head, prep, TinyText(), TinyImage()), root / "b", ExportOptions())
@@ -275,7 +278,7 @@ def test_existing_destination_needs_overwrite(built: tuple[Any, nn.Module, Path]
     pytest.param("fp16", "tflite", marks=pytest.mark.slow),
     pytest.param("none", "tflite", marks=pytest.mark.slow),
 ])
-def test_other_precisions(built: tuple[Any, nn.Module, Path], tmp_path: Path, quantize: str, target: str) -> None:
+def test_other_precisions(built: Built, tmp_path: Path, quantize: str, target: str) -> None:
     from client.runtime import Reranker
 
     prep, head, _ = built
@@ -342,7 +345,7 @@ def test_structural_failure_does_not_fall_back(tmp_path: Path) -> None:
 def test_share_weights_stores_each_head_weight_once(tmp_path: Path) -> None:
     from export.onnx_export import export_onnx, share_weights
 
-    spec = head_spec(7)
+    spec = head_spec(DENSE_DIM)
     head = build_head(ModelConfig(), seed=1).eval()
     export_onnx(head, spec, random_head_inputs(spec, spec.trace), tmp_path / "h.onnx")
     before = (tmp_path / "h.onnx").stat().st_size

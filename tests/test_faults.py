@@ -114,9 +114,10 @@ def test_byzantine_set_is_fixed_and_has_the_configured_size() -> None:
 
 def test_sign_flip_and_noise_against_numpy() -> None:
     rng = np.random.default_rng(3)
-    glob = {"w": rng.normal(size=(30, 20)).astype(np.float32), "b": rng.normal(size=20).astype(np.float32),
+    glob: dict[str, np.ndarray] = {"w": rng.normal(size=(30, 20)).astype(np.float32),
+                                   "b": rng.normal(size=20).astype(np.float32),
             "n": np.array(7, np.int64)}
-    local = {"w": glob["w"] + 0.01 * rng.normal(size=(30, 20)).astype(np.float32),
+    local: dict[str, np.ndarray] = {"w": glob["w"] + 0.01 * rng.normal(size=(30, 20)).astype(np.float32),
              "b": glob["b"] + 0.01 * rng.normal(size=20).astype(np.float32), "n": np.array(9, np.int64)}
     flipped = sign_flip_update(glob, local, 5.0)
     for k in ("w", "b"):
@@ -144,12 +145,12 @@ def test_byzantine_mod_replaces_the_honest_update(shards) -> None:
     bad = byzantine_ids(0, N_CLIENTS, 0.5)
     good_pid, bad_pid = min(set(range(N_CLIENTS)) - bad), min(bad)
     # Execute
-    h_bad = _np(honest(_message(MessageType.TRAIN, glob), _context(bad_pid)).content[ARRAYS])
-    f_bad = _np(flip(_message(MessageType.TRAIN, glob), _context(bad_pid)).content[ARRAYS])
-    n_bad = _np(noise(_message(MessageType.TRAIN, glob), _context(bad_pid)).content[ARRAYS])
-    n_bad2 = _np(noise(_message(MessageType.TRAIN, glob), _context(bad_pid)).content[ARRAYS])
-    h_good = _np(honest(_message(MessageType.TRAIN, glob), _context(good_pid)).content[ARRAYS])
-    f_good = _np(flip(_message(MessageType.TRAIN, glob), _context(good_pid)).content[ARRAYS])
+    h_bad = _np(honest(_message(MessageType.TRAIN, glob), _context(bad_pid)).content.array_records[ARRAYS])
+    f_bad = _np(flip(_message(MessageType.TRAIN, glob), _context(bad_pid)).content.array_records[ARRAYS])
+    n_bad = _np(noise(_message(MessageType.TRAIN, glob), _context(bad_pid)).content.array_records[ARRAYS])
+    n_bad2 = _np(noise(_message(MessageType.TRAIN, glob), _context(bad_pid)).content.array_records[ARRAYS])
+    h_good = _np(honest(_message(MessageType.TRAIN, glob), _context(good_pid)).content.array_records[ARRAYS])
+    f_good = _np(flip(_message(MessageType.TRAIN, glob), _context(good_pid)).content.array_records[ARRAYS])
     # Assert: sign flip is global - 3 * (honest local - global) (numpy), honest devices untouched
     g = _np(glob)
     for k in g:
@@ -170,7 +171,8 @@ def test_byzantine_update_above_the_norm_bound_is_rejected(shards) -> None:
     flip = make_client_app({**overrides, "faults.byzantine-fraction": 0.5, "faults.byzantine-scale": 5.0})
     bad = byzantine_ids(0, N_CLIENTS, 0.5)
     replies = [flip(_message(MessageType.TRAIN, glob), _context(p)) for p in range(N_CLIENTS)]
-    norms = [np.sqrt(sum(np.sum((v.numpy().astype(np.float64) - g[k]) ** 2) for k, v in r.content[ARRAYS].items()))
+    norms = [np.sqrt(sum(np.sum((v.numpy().astype(np.float64) - g[k]) ** 2)
+                         for k, v in r.content.array_records[ARRAYS].items()))
              for r in replies]
     honest_max = max(n for p, n in enumerate(norms) if p not in bad)
     assert min(norms[p] for p in bad) > 2 * honest_max  # 5x an honest-sized update
@@ -179,7 +181,8 @@ def test_byzantine_update_above_the_norm_bound_is_rejected(shards) -> None:
     # Assert
     assert len(screened.accepted) == N_CLIENTS - len(bad) and len(screened.rejected) == len(bad)
     assert all("exceeds bound" in r for r in screened.rejected)
-    assert check_update(replies[min(bad)].content[ARRAYS], g, max_norm=None) is None  # finite, right shapes
+    bad_reply = replies[min(bad)].content.array_records[ARRAYS]
+    assert check_update(bad_reply, g, max_norm=None) is None  # finite, right shapes
 
 
 # ------------------------------------------------------------------------------------------- the mod

@@ -16,11 +16,11 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from shared_model import features as F  # noqa: E402
+from shared_model import embedding_cache as EC  # noqa: E402
+from shared_model.embedding_cache import EmbeddingCache  # noqa: E402
 from shared_model.encoders import load_image_encoder, load_text_encoder  # noqa: E402
 from shared_model.features import (  # noqa: E402
     DENSE_NAMES,
-    EmbeddingCache,
     FeatureStore,
     build_feature_store,
     dense_features,
@@ -172,7 +172,7 @@ def test_interrupted_and_damaged_shards_are_ignored(tmp_path: Path, encoders: tu
 def test_compaction_keeps_entries(tmp_path: Path, encoders: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     cat = _catalog(tmp_path / "data")
     cache = tmp_path / "cache"
-    monkeypatch.setattr(F, "COMPACT_THRESHOLD", 1000)
+    monkeypatch.setattr(EC, "COMPACT_THRESHOLD", 1000)
     s1, _, _ = _build(cat, cache, encoders)
     c = EmbeddingCache(cache, "text", encoders[0].version(64), TEXT_DIM)
     c.put([c.key(b"extra-1")], np.ones((1, TEXT_DIM)), np.ones(1, bool))

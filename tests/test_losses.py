@@ -173,7 +173,8 @@ def test_approx_ndcg_tends_to_exact_ndcg() -> None:
     y = rng.integers(0, 4, size=(b, n)).astype(np.float64)
     y[:, 0] = 3.0
     m = np.ones((b, n), dtype=bool)
-    loss = approx_ndcg(*as_t(s, y, m), alpha=1e4)
+    ts, ty, tm = as_t(s, y, m)
+    loss = approx_ndcg(ts, ty, tm, alpha=1e4)
     assert 1.0 - loss.item() == pytest.approx(np.mean(ndcg_at_k(s, y, m, k=None)), abs=1e-9)
 
 
@@ -208,6 +209,7 @@ def test_padding_changes_nothing(fn: Callable[..., torch.Tensor]) -> None:
     got.backward()
 
     assert got.item() == pytest.approx(base.item(), rel=1e-12, abs=1e-15)
+    assert ts.grad is not None and base_s.grad is not None
     grad = ts.grad.numpy()[:, np.argsort(order)]
     assert np.all(np.isfinite(grad))
     np.testing.assert_allclose(grad[:, :n], base_s.grad.numpy(), rtol=1e-10, atol=1e-14)
@@ -225,7 +227,7 @@ def test_no_signal_returns_zero_with_grad(fn: Callable[..., torch.Tensor]) -> No
     loss = fn(s, y, m)
     assert loss.item() == 0.0 and loss.requires_grad
     loss.backward()
-    assert torch.equal(s.grad, torch.zeros_like(s))
+    assert s.grad is not None and torch.equal(s.grad, torch.zeros_like(s))
 
 
 @pytest.mark.parametrize("fn", ALL, ids=IDS)
@@ -250,7 +252,7 @@ def test_extreme_scores_are_finite(fn: Callable[..., torch.Tensor], scale: float
     loss = fn(s, y, m, torch.rand(4, 10) * 10 + 1)
     loss.backward()
     assert torch.isfinite(loss)
-    assert torch.all(torch.isfinite(s.grad))
+    assert s.grad is not None and torch.all(torch.isfinite(s.grad))
 
 
 @pytest.mark.parametrize("fn", ALL, ids=IDS)
@@ -356,7 +358,8 @@ def test_registry() -> None:
         get_loss("nope")
     s, y, m, _ = make_batch(2)
     bound = get_loss("approx_ndcg", alpha=3.0)
-    assert bound(*as_t(s, y, m)).item() == approx_ndcg(*as_t(s, y, m), alpha=3.0).item()
+    ts, ty, tm = as_t(s, y, m)
+    assert bound(ts, ty, tm).item() == approx_ndcg(ts, ty, tm, alpha=3.0).item()
     with pytest.raises(ValueError, match="alpha"):
         get_loss("ranknet", alpha=3.0)
 

@@ -170,7 +170,10 @@ def test_recall_vs_enumeration(k: int) -> None:
         if n_rel == 0:
             assert np.isnan(got[i])
             continue
-        avg, _, _ = brute(si, gi, lambda r, n_rel=n_rel: float((r[:k] >= 2).sum()) / n_rel)
+        def recall(r: np.ndarray, n_rel: int = n_rel) -> float:
+            return float((r[:k] >= 2).sum()) / n_rel
+
+        avg, _, _ = brute(si, gi, recall)
         assert got[i] == pytest.approx(avg, abs=1e-12)
 
 

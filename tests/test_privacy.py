@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 from flwr.serverapp import strategy as fs
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.task_identity import TaskIdentity
@@ -22,6 +24,7 @@ from scipy.stats import norm
 from client.mods import client_mods
 from server.loop import init_state, run_rounds
 from server.privacy import (
+    DP_WRAPPERS,
     REPORTED_WEIGHT,
     effective_noise_multipliers,
     epsilon_poisson,
@@ -64,7 +67,7 @@ def device(overrides: dict, pid: int) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context) -> Message:
-        g = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+        g = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
         d = delta_for(pid, g)
         out = ArrayRecord({k: Array(g[k] + d[k]) for k in g})
         metrics = MetricRecord({NUM_EXAMPLES: 10 ** (pid + 1), TRAIN_LOSS: float(pid)})
@@ -89,7 +92,8 @@ def run_loop(tmp: Path, rounds: int = 1, resume: bool = False, **extra: object):
     state = init_state(s, tmp, strategy, resume=resume)
     glob = {k: v.numpy().copy() for k, v in state.arrays.items()}
     apps = {pid: device(ov, pid) for pid in range(N)}
-    state = run_rounds(WireGrid(N, lambda pid: apps[pid]), strategy, s, state, tmp,
+    grid = cast(Grid, WireGrid(N, lambda pid: apps[pid]))  # a test grid: get_node_ids and send_and_receive
+    state = run_rounds(grid, strategy, s, state, tmp,
                        ConfigRecord({"propensity-eta": 1.0}), central_eval=lambda m: {})
     return state, glob, strategy, s
 
@@ -127,6 +131,7 @@ def test_wrapper_is_chosen_by_privacy_mode(mode: str, cls: type | None) -> None:
         assert wrapped is base
         return
     assert type(wrapped) is cls and base_strategy(wrapped) is base
+    assert isinstance(wrapped, DP_WRAPPERS)
     assert wrapped.num_sampled_clients == num_sampled_clients(s) == 30
     assert wrapped.clipping_norm == 0.3
 
@@ -172,7 +177,7 @@ def test_client_fixed_mod_clips_the_update_to_the_norm(pid: int) -> None:
     app = device({"privacy.mode": "client-fixed"}, pid)
     msg = _train_message(ArrayRecord({k: Array(v) for k, v in glob.items()}), {KEY_CLIPPING_NORM: clip})
     reply = app(msg, _context())
-    got = {k: reply.content[ARRAYS][k].numpy().astype(np.float64) - glob[k] for k in glob}
+    got = {k: reply.content.array_records[ARRAYS][k].numpy().astype(np.float64) - glob[k] for k in glob}
     want = clipped(delta_for(pid, glob), clip)
     for k in glob:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-7)
@@ -197,7 +202,8 @@ def test_local_dp_mod_clips_and_adds_the_calibrated_noise() -> None:
     glob = _global()
     reply = device(ov, 3)(_train_message(ArrayRecord({k: Array(v) for k, v in glob.items()}), {}), _context())
     want = clipped(delta_for(3, glob), 0.5)
-    noise = np.concatenate([(reply.content[ARRAYS][k].numpy().astype(np.float64) - glob[k] - want[k]).ravel()
+    got = reply.content.array_records[ARRAYS]
+    noise = np.concatenate([(got[k].numpy().astype(np.float64) - glob[k] - want[k]).ravel()
                             for k in glob])
     std = local_noise_std(s)  # 0.01 * sqrt(2 ln(1.25e5)) / 2 = 0.0242
     assert std == pytest.approx(0.01 * math.sqrt(2 * math.log(1.25 / 1e-5)) / 2.0)
@@ -216,7 +222,7 @@ def test_mods_leave_other_messages_and_modes_untouched(mode: str) -> None:
         reply = app(_train_message(ArrayRecord({k: Array(v) for k, v in glob.items()}), {}), _context())
         d = delta_for(3, glob)
         for k in glob:
-            np.testing.assert_array_equal(reply.content[ARRAYS][k].numpy(), glob[k] + d[k])
+            np.testing.assert_array_equal(reply.content.array_records[ARRAYS][k].numpy(), glob[k] + d[k])
 
 
 # ------------------------------------------------------------------------------------------- server side
@@ -226,8 +232,9 @@ def test_mods_leave_other_messages_and_modes_untouched(mode: str) -> None:
 def test_dp_round_is_the_uniform_average_of_clipped_updates(tmp_path: Path, mode: str) -> None:
     # noise 0: the aggregate must be global + mean of the clipped updates, weights ignored (10 .. 10,000)
     clip = 0.7
-    state, glob, _, _ = run_loop(tmp_path, **{"privacy.mode": mode, "privacy.noise-multiplier": 0.0,
-                                              "privacy.clipping-norm": clip})
+    extra: dict[str, Any] = {"privacy.mode": mode, "privacy.noise-multiplier": 0.0,
+                             "privacy.clipping-norm": clip}
+    state, glob, _, _ = run_loop(tmp_path, **extra)
     assert max_abs_diff(state.arrays, uniform_clipped_average(glob, clip)) < 1e-6
     # an independent check that the test can fail: the example-weighted average is far from it
     w = np.array([10 ** (p + 1) for p in range(N)], float)
@@ -241,8 +248,9 @@ def test_dp_round_is_the_uniform_average_of_clipped_updates(tmp_path: Path, mode
 
 def test_server_noise_has_the_calibrated_std(tmp_path: Path) -> None:
     z, clip = 1.5, 0.7
-    state, glob, _, _ = run_loop(tmp_path, **{"privacy.mode": "server-fixed", "privacy.noise-multiplier": z,
-                                              "privacy.clipping-norm": clip})
+    extra: dict[str, Any] = {"privacy.mode": "server-fixed", "privacy.noise-multiplier": z,
+                             "privacy.clipping-norm": clip}
+    state, glob, _, _ = run_loop(tmp_path, **extra)
     ref = uniform_clipped_average(glob, clip)
     noise = np.concatenate([(state.arrays[k].numpy().astype(np.float64) - ref[k]).ravel() for k in ref])
     assert float(np.std(noise)) == pytest.approx(z * clip / N, rel=0.02)
@@ -253,7 +261,8 @@ def test_server_noise_has_the_calibrated_std(tmp_path: Path) -> None:
 
 
 def test_adaptive_clipping_norm_survives_resume(tmp_path: Path) -> None:
-    extra = {"privacy.mode": "server-adaptive", "privacy.noise-multiplier": 0.0, "privacy.clipping-norm": 0.1}
+    extra: dict[str, Any] = {"privacy.mode": "server-adaptive", "privacy.noise-multiplier": 0.0,
+                             "privacy.clipping-norm": 0.1}
     state, _, strategy, s = run_loop(tmp_path, rounds=2, **extra)
     moved = strategy.clipping_norm
     assert moved != pytest.approx(0.1)  # all four updates exceed 0.1: the norm grows
@@ -261,6 +270,7 @@ def test_adaptive_clipping_norm_survives_resume(tmp_path: Path) -> None:
     # a fresh wrapper resumed from last.pt continues from the adapted norm
     s3 = parse_run_config({**s.to_flat(), "server.num-rounds": 3})
     fresh = wrap_strategy(build_strategy(s3.strategy), s3)
+    assert isinstance(fresh, DP_WRAPPERS)
     resumed = init_state(s3, tmp_path, fresh, resume=True)
     assert resumed.resumed_from == 2 and fresh.clipping_norm == pytest.approx(moved)
     restore_strategy_state(fresh, {"class": "FedAvg", "clipping_norm": 0.5})
@@ -270,8 +280,9 @@ def test_adaptive_clipping_norm_survives_resume(tmp_path: Path) -> None:
 
 def test_a_short_dp_run_reports_epsilon(tmp_path: Path) -> None:
     z, clip = 1.0, 0.7
-    state, _, _, s = run_loop(tmp_path, rounds=3, **{"privacy.mode": "client-fixed", "privacy.noise-multiplier": z,
-                                                     "privacy.clipping-norm": clip})
+    extra: dict[str, Any] = {"privacy.mode": "client-fixed", "privacy.noise-multiplier": z,
+                             "privacy.clipping-norm": clip}
+    state, _, _, s = run_loop(tmp_path, rounds=3, **extra)
     rep = privacy_report(s, state.rounds)
     assert rep["mode"] == "client-fixed" and rep["releases"] == 3 and rep["sampling_rate"] == 1.0
     assert rep["accountant"] == "dp_accounting.rdp.RdpAccountant" and rep["delta"] == DELTA

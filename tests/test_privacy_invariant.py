@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +58,8 @@ def _strings(content: RecordDict) -> Iterator[str]:
                     yield from (str(x) for x in v if isinstance(x, str | bytes))
 
 
-def inspect_reply(msg: Message, head_shapes: dict[str, tuple[int, ...]], forbidden: frozenset[str] = frozenset(),
-                  optional_keys: frozenset[str] = frozenset()) -> list[str]:
+def inspect_reply(msg: Message, head_shapes: Mapping[str, tuple[int, ...]],
+                  forbidden: frozenset[str] = frozenset(), optional_keys: frozenset[str] = frozenset()) -> list[str]:
     """What, in a reply a device sends, is not head arrays or scalar metrics (empty list: nothing).
 
     ``head_shapes``: the head's state-dict keys and shapes. ``optional_keys``: head keys a reply may leave out

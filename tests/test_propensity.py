@@ -64,6 +64,7 @@ def test_federated_counts_equal_pooled() -> None:
     pooled = aggregate_position_counts(pos, clk, 30)
     np.testing.assert_array_equal(imp, pooled[0])
     np.testing.assert_array_equal(cl, pooled[1])
+    assert isinstance(imp, np.ndarray) and isinstance(cl, np.ndarray)
     assert imp.dtype == np.int64 and cl.dtype == np.int64
     for smoothing in ("powerlaw", "empirical"):
         np.testing.assert_allclose(
@@ -78,9 +79,9 @@ def test_aggregate_counts() -> None:
     np.testing.assert_array_equal(cl, [1, 1, 1, 0])
     imp, cl = aggregate_position_counts([], [], max_positions=3)
     np.testing.assert_array_equal(imp, [0, 0, 0])
-    for bad in (([-1, 0], [0, 0]), ([0, 1], [0]), ([0.5], [1]), ([0], [-1]), ([0], [0.5])):
+    for bad_pos, bad_clk in (([-1, 0], [0, 0]), ([0, 1], [0]), ([0.5], [1]), ([0], [-1]), ([0], [0.5])):
         with pytest.raises(ValueError):
-            aggregate_position_counts(*bad, max_positions=3)
+            aggregate_position_counts(bad_pos, bad_clk, max_positions=3)
     with pytest.raises(ValueError):
         aggregate_position_counts([0], [0], max_positions=0)
 

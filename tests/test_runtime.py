@@ -21,6 +21,7 @@ from test_export import tiny_setup  # the module pytest collected: its cached bu
 
 from client.runtime import Reranker
 from client.runtime_bundle import BundleError, PackedCatalog, RerankInputError, pack_rows, unpack_rows
+from shared_model.head_features import HISTORY_LEN
 from shared_model.metrics import kendall_tau
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,10 +118,10 @@ def test_user_context_matches_training_definition(built: Any, rr_onnx: Reranker)
     store = built[0].store
     recent = _ids(built, 14, seed=6)
     ctx = rr_onnx.user_context(recent)
-    rows = store.rows(recent[-10:])  # the last HISTORY_LEN, most recent last
+    rows = store.rows(recent[-HISTORY_LEN:])  # the last HISTORY_LEN, most recent last
     want_text = store.text[rows].mean(0)
     want_image = (store.image[rows] * store.mask[rows, 1:2]).sum(0) / len(rows)
-    assert ctx.mask == 1.0 and ctx.num_items == 10
+    assert ctx.mask == 1.0 and ctx.num_items == HISTORY_LEN
     np.testing.assert_allclose(ctx.text, want_text, atol=2e-2)
     np.testing.assert_allclose(ctx.image, want_image, atol=5e-2)
 
@@ -290,7 +291,8 @@ def test_catalog_packing_round_trip() -> None:
 
 
 def test_runtime_runs_where_torch_cannot_be_imported(bundle: Path, tmp_path: Path) -> None:
-    """The runtime, in a fresh process whose ``import torch`` raises: loads both backends and reranks."""
+    """The runtime, in a fresh process whose ``import torch`` raises: loads both backends and reranks. Of fedrank's
+    other areas it may import only the torch-free feature definitions it shares with training."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent("""
@@ -317,7 +319,9 @@ def test_runtime_runs_where_torch_cannot_be_imported(bundle: Path, tmp_path: Pat
             rr = Reranker.load({str(bundle)!r}, backend=backend)
             ids = rr.catalog.item_ids[:12]
             out[backend] = rr.rerank("red dress", ids, recent_item_ids=ids[:3])[:3]
-        mods = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "shared_model", "export", "simulations"))
+        allowed = {{"shared_model", "shared_model.head_features"}}
+        mods = sorted(m for m in sys.modules if m not in allowed
+                      and m.split(".")[0] in ("torch", "shared_model", "server", "export", "simulations"))
         print(json.dumps({{"top": out, "forbidden_modules": mods}}))
     """)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), str(REPO)])}

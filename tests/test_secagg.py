@@ -19,11 +19,13 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.mods import client_mods
@@ -61,7 +63,7 @@ def device(overrides: dict, pid: int, fail: bool = False) -> ClientApp:
     def train(msg: Message, context) -> Message:
         if fail:
             raise RuntimeError("device dropped out")
-        g = {k: v.numpy() for k, v in msg.content[ARRAYS].items()}
+        g = {k: v.numpy() for k, v in msg.content.array_records[ARRAYS].items()}
         d = delta_for(pid, g)
         out = ArrayRecord({k: Array(g[k] + d[k]) for k in g})
         metrics = MetricRecord({NUM_EXAMPLES: weight_for(pid), TRAIN_LOSS: float(pid)})
@@ -84,7 +86,7 @@ def one_round(tmp: Path, failing: tuple[int, ...] = (), **extra: object
     state = init_state(s, tmp, strategy, resume=False)
     glob = {k: v.numpy().copy() for k, v in state.arrays.items()}
     apps = {pid: device(ov, pid, fail=pid in failing) for pid in range(N)}
-    grid = WireGrid(N, lambda pid: apps[pid])
+    grid = cast(Grid, WireGrid(N, lambda pid: apps[pid]))  # a test grid: get_node_ids and send_and_receive
     state = run_rounds(grid, strategy, s, state, tmp, ConfigRecord({"propensity-eta": 1.0}), central_eval=lambda m: {})
     return state, glob, s
 
@@ -114,7 +116,8 @@ def _max_abs_diff(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
 def test_secagg_aggregate_equals_fedavg_within_the_quantization_bound(tmp_path: Path) -> None:
     # Prepare: the same five deterministic devices, once through plain FedAvg, once through SecAgg+
     plain, glob, _ = one_round(tmp_path / "plain")
-    secure, _, settings = one_round(tmp_path / "secagg", **{"secagg.enabled": True, "secagg.max-weight": 100.0})
+    extra: dict[str, Any] = {"secagg.enabled": True, "secagg.max-weight": 100.0}
+    secure, _, settings = one_round(tmp_path / "secagg", **extra)
     pids = list(range(N))
     weights = [float(weight_for(p)) for p in pids]
     reference = weighted_average(glob, pids, weights)
@@ -148,7 +151,7 @@ def test_secagg_with_client_side_dp_clips_on_the_device(tmp_path: Path) -> None:
     # client-fixed DP under SecAgg+: devices clip (Flower's fixedclipping_mod inside the SecAgg+ adapter), declare
     # weight 1, and Flower's legacy wrapper adds the noise to the secure aggregate (noise 0 here, to compare)
     clip = 0.5
-    extra = {"secagg.enabled": True, "secagg.max-weight": 1.0, "privacy.mode": "client-fixed",
+    extra: dict[str, Any] = {"secagg.enabled": True, "secagg.max-weight": 1.0, "privacy.mode": "client-fixed",
              "privacy.noise-multiplier": 0.0, "privacy.clipping-norm": clip}
     secure, glob, settings = one_round(tmp_path / "dp", **extra)
     expected = {}
@@ -182,7 +185,13 @@ def test_non_secagg_messages_pass_through_the_secagg_mod(tmp_path: Path) -> None
     msg = Message(RecordDict({ARRAYS: ArrayRecord(build_head(parse_run_config(load_defaults()).model).state_dict())}),
                   message_type="train", dst_node_id=1)
     seen = []
-    reply = make_secagg_mod()(msg, None, lambda m, c: seen.append(m) or Message(RecordDict(), reply_to=m))  # type: ignore[arg-type]
+
+    def call_next(m: Message, c: Context) -> Message:
+        seen.append(m)
+        return Message(RecordDict(), reply_to=m)
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    reply = make_secagg_mod()(msg, ctx, call_next)
     assert seen == [msg] and reply.has_content()
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.client_app import make_client_app
@@ -98,7 +100,7 @@ def test_nan_update_is_rejected_and_round_proceeds(tmp_path: Path) -> None:
 
     @bad.train()
     def poisoned(msg: Message, context) -> Message:
-        arrays = msg.content[ARRAYS]
+        arrays = msg.content.array_records[ARRAYS]
         nan = ArrayRecord({k: Array(np.full_like(arrays[k].numpy(), np.nan)) for k in arrays.keys()})
         return Message(RecordDict({ARRAYS: nan, METRICS: MetricRecord({NUM_EXAMPLES: 10})}), reply_to=msg)
 
@@ -142,7 +144,8 @@ def test_client_failures_are_counted_and_round_proceeds(tmp_path: Path) -> None:
 def test_round_below_minimum_keeps_global_head(tmp_path: Path) -> None:
     from flwr.app import Error
 
-    _, ov, settings, central = _setup(tmp_path, rounds=1, **{"strategy.min-train-clients": 4})
+    extra: dict[str, Any] = {"strategy.min-train-clients": 4}
+    _, ov, settings, central = _setup(tmp_path, rounds=1, **extra)
 
     class Down(LocalGrid):
         def send_and_receive(self, messages, *, timeout=None):
@@ -192,7 +195,7 @@ def test_seeded_sampling_picks_the_same_devices_whatever_the_node_ids() -> None:
     picked = []
     for launch in range(3):
         ids = random.Random(launch).sample(range(1, 10**9), 12)  # fresh random node ids per launch
-        grid = PartitionOrderedGrid(ByNodeId(12, lambda pid: app, node_ids=ids))
+        grid = PartitionOrderedGrid(cast(Grid, ByNodeId(12, lambda pid: app, node_ids=ids)))  # a test grid
         assert grid.learn_partitions() == {nid: i for i, nid in enumerate(ids)}
         random.seed(1234)
         msgs = FedAvg(fraction_train=0.25, min_available_nodes=2).configure_train(
@@ -206,7 +209,7 @@ def test_seeded_sampling_picks_the_same_devices_whatever_the_node_ids() -> None:
         grid0 = ByNodeId(12, lambda pid: app, node_ids=ids)
         random.seed(1234)
         msgs = FedAvg(fraction_train=0.25, min_available_nodes=2).configure_train(
-            1, ArrayRecord(), ConfigRecord(), grid0)
+            1, ArrayRecord(), ConfigRecord(), cast(Grid, grid0))
         plain.append(sorted(ids.index(m.metadata.dst_node_id) for m in msgs))
     assert not plain[0] == plain[1] == plain[2]
 

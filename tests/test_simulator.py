@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageFilter
 
 from shared_model.catalog_io import load_catalog, load_judgments
-from shared_model.schema import SessionLog
+from shared_model.schema import CatalogItem, SessionLog
 from simulations.marketplace import (
     FEATURE,
     SYNONYMS,
@@ -56,7 +56,7 @@ def test_output_layout(market: Path) -> None:
     assert meta["config"]["seed"] == 3
     assert meta["counts"]["items"] == 120
     catalog = load_catalog(market / "catalog.jsonl")
-    assert all(Path(it.image_path).is_file() for it in catalog)
+    assert all(it.image_path is not None and Path(it.image_path).is_file() for it in catalog)
     videos = [it for it in catalog if it.video_frames]
     assert videos and all(len(it.video_frames) == 4 and all(Path(f).is_file() for f in it.video_frames)
                           for it in videos)
@@ -163,6 +163,7 @@ def test_titles_omit_colour_but_image_shows_it(market: Path) -> None:
         look = ItemLook(it.category, COLOR_RGB[it.color], it.attributes["pattern"])
         _, mask = render_still(look, render_seed(3, i))
         inner = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).filter(ImageFilter.MinFilter(5))) > 0
+        assert it.image_path is not None
         pixels = np.asarray(Image.open(it.image_path).convert("RGB"))[inner]
         assert nearest_color(pixels.mean(0)) == it.color, (it.item_id, it.color, pixels.mean(0))
     assert 0.25 < omitted / len(catalog) < 0.65
@@ -175,7 +176,7 @@ def test_video_only_feature(market: Path) -> None:
     banned = re.compile(r"light|\bled\b|glow", re.IGNORECASE)
     assert not any(banned.search(it.title) or banned.search(it.description) for it in catalog)
 
-    def warm_shift(it: object) -> float:  # yellow glow raises R - B from frame 0 to the last frame
+    def warm_shift(it: CatalogItem) -> float:  # yellow glow raises R - B from frame 0 to the last frame
         f0, f3 = (np.asarray(Image.open(f).convert("RGB"), dtype=np.float64) for f in it.video_frames[::3])
         return float((f3[..., 0] - f3[..., 2]).mean() - (f0[..., 0] - f0[..., 2]).mean())
 

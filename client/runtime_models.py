@@ -1,0 +1,147 @@
+"""One wrapper for every exported model file the runtime runs, whatever the backend (ONNX Runtime or LiteRT).
+
+:class:`ExportedModel` hides the backend: ``run(feeds)`` returns the file's output for named numpy inputs.
+ONNX files have dynamic axes and run the inputs as given; a TFLite file has one signature per fixed size, so its
+inputs are zero-padded up to the smallest signature that holds them (the caller slices the output back, and
+truncates or chunks inputs longer than ``max_size``). On top of it, :func:`encode_tokens` (text encoder) and
+:func:`score_slate` (head) are the only places that know how each component is fed.
+
+Torch-free, like the rest of the runtime: imports numpy, and ``onnxruntime`` or ``ai_edge_litert`` lazily.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.runtime_bundle import HEAD_OUTPUT, IMAGE_OUTPUT, TEXT_OUTPUT, BundleError
+
+# per component: the axis whose size names a TFLite signature (export/spec.py: ExportSpec.signature_axis) and the
+# output a TFLite signature is read from
+COMPONENT_IO = {"text_encoder": ("tokens", TEXT_OUTPUT), "image_encoder": ("batch", IMAGE_OUTPUT),
+                "head": ("slate", HEAD_OUTPUT)}
+
+
+def load_interpreter_class() -> Any:
+    """LiteRT's ``Interpreter`` (``ai_edge_litert``), else ``tflite_runtime``'s (older, slower; a fallback)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+    except ImportError:
+        try:
+            from tflite_runtime.interpreter import Interpreter
+        except ImportError as e:
+            raise ImportError("the tflite backend needs ai-edge-litert (or tflite-runtime)") from e
+    return Interpreter
+
+
+class ExportedModel(ABC):
+    """One exported file behind one call. ``max_size``: the largest fixed size along the signature axis (TFLite),
+    ``None`` when that axis is dynamic (ONNX)."""
+
+    max_size: int | None = None
+
+    @abstractmethod
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The file's (only) output for ``feeds`` (input name -> array)."""
+
+
+class OnnxModel(ExportedModel):
+    """One ONNX Runtime session, single-threaded by default, no spinning."""
+
+    def __init__(self, path: Path, name: str, num_threads: int) -> None:
+        import onnxruntime as ort
+
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = num_threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
+            raise BundleError(name, f"ONNX Runtime cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
+        self.output = self.session.get_outputs()[0].name
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.session.run([self.output], feeds)[0])
+
+
+class TfliteModel(ExportedModel):
+    """One LiteRT interpreter with its fixed-size signatures (``(size, key)``, sorted by size)."""
+
+    def __init__(self, path: Path, name: str, num_threads: int, signatures: Sequence[tuple[int, str]],
+                 output: str) -> None:
+        interpreter_cls = load_interpreter_class()
+        try:
+            self.interpreter = interpreter_cls(model_path=str(path), num_threads=num_threads)
+            self.runners = {k: self.interpreter.get_signature_runner(k) for _, k in signatures}
+        except Exception as e:  # ValueError/RuntimeError on a corrupt flatbuffer
+            raise BundleError(name, f"LiteRT cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
+        self.signatures = [k for _, k in sorted(signatures)]
+        self.inputs = {k: {n: (tuple(int(x) for x in d["shape"]), d["dtype"])
+                           for n, d in r.get_input_details().items()} for k, r in self.runners.items()}
+        self.max_size = max(s for s, _ in signatures)
+        self.output = output
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        key = next((k for k in self.signatures if _fits(feeds, self.inputs[k])), None)
+        if key is None:
+            shapes = {n: v.shape for n, v in feeds.items()}
+            raise ValueError(f"inputs {shapes} exceed every signature {self.signatures}")
+        padded = {n: _zero_pad(v, *self.inputs[key][n]) for n, v in feeds.items()}
+        return np.asarray(self.runners[key](**padded)[self.output])
+
+
+def _fits(feeds: dict[str, np.ndarray], inputs: dict[str, tuple[tuple[int, ...], Any]]) -> bool:
+    return all(len(v.shape) == len(inputs[n][0]) and all(a <= b for a, b in zip(v.shape, inputs[n][0], strict=True))
+               for n, v in feeds.items())
+
+
+def _zero_pad(x: np.ndarray, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
+    """``x`` in ``dtype``, zero-padded at the end of every axis up to ``shape``."""
+    if x.shape == shape:
+        return np.ascontiguousarray(x, dtype=dtype)
+    out = np.zeros(shape, dtype=dtype)
+    out[tuple(slice(0, d) for d in x.shape)] = x
+    return out
+
+
+def open_model(backend: str, path: Path, name: str, entry: dict[str, Any], component: str,
+               num_threads: int) -> ExportedModel:
+    """The exported file ``name`` of ``component`` for ``backend``; ``entry`` is its manifest record."""
+    if backend == "onnx":
+        return OnnxModel(path, name, num_threads)
+    axis, output = COMPONENT_IO[component]
+    sigs = sorted((int(s["sizes"][axis]), str(s["key"])) for s in entry.get("signatures", []))
+    if not sigs:
+        raise BundleError(name, "the manifest lists no signatures for this TFLite file")
+    return TfliteModel(path, name, num_threads, sigs, output)
+
+
+# ------------------------------------------------------------------------------------------ components
+
+
+def encode_tokens(model: ExportedModel, ids: list[int]) -> np.ndarray:
+    """``[Dt]`` float32 text embedding of one tokenised text (``ids`` incl. [CLS]/[SEP]; cut at ``max_size``)."""
+    if model.max_size is not None:
+        ids = ids[: model.max_size]
+    x = np.asarray(ids, dtype=np.int64)[None, :]  # [1, T]
+    return model.run({"input_ids": x, "attention_mask": np.ones_like(x)})[0]
+
+
+def score_slate(model: ExportedModel, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    """Scores ``[S]`` for one slate: ``feeds`` are the head's inputs with batch 1 and S candidates. A slate longer
+    than ``max_size`` is scored in chunks (exact: candidates do not interact)."""
+    s_total = feeds["item_text"].shape[1]
+    step = model.max_size or max(s_total, 1)
+    out = np.empty(s_total, np.float32)
+    for lo in range(0, s_total, step):
+        hi = min(lo + step, s_total)
+        chunk = {k: v[:, lo:hi] if v.ndim == 3 else v for k, v in feeds.items()}  # per-candidate inputs [1, S, D]
+        out[lo:hi] = model.run(chunk)[0, : hi - lo]
+    return out
