@@ -5,23 +5,48 @@ from __future__ import annotations
 import bm25s
 import numpy as np
 
+STEMMER_LANGUAGE = "english"  # Snowball (Porter2) through PyStemmer, as bm25s documents
+
+
+def _stemmer(language: str | None) -> object | None:
+    if language is None:
+        return None
+    import Stemmer  # PyStemmer
+
+    return Stemmer.Stemmer(language)
+
 
 class BM25Ranker:
-    """BM25 over item title + description (Lucene variant as implemented by ``bm25s``)."""
+    """BM25 over item title + description with a standard English analyzer: lower-casing, ``bm25s``'s English
+    stopwords and Snowball stemming (``blue tshirts`` matches ``Blue Tshirt``) -- the BM25 a practitioner sets up.
+    ``stem=None`` gives the unstemmed variant. A query with no searchable word (``the``, ``!!!``, an emoji), or a
+    catalog whose texts have none, scores every item 0: a tie, never an error."""
 
     name = "bm25"
 
-    def __init__(self, item_texts: list[str]) -> None:
-        tokens = bm25s.tokenize(item_texts, stopwords="en", show_progress=False)
-        self.retriever = bm25s.BM25()
-        self.retriever.index(tokens, show_progress=False)
+    def __init__(self, item_texts: list[str], stem: str | None = STEMMER_LANGUAGE) -> None:
+        self.stemmer = _stemmer(stem)
+        tokens = bm25s.tokenize(item_texts, stopwords="en", stemmer=self.stemmer, show_progress=False)
+        self.num_items = len(item_texts)
+        self.retriever: bm25s.BM25 | None = None
+        if tokens.vocab:
+            self.retriever = bm25s.BM25()
+            self.retriever.index(tokens, show_progress=False)
         self._cache: dict[str, np.ndarray] = {}
+
+    def query_tokens(self, query: str) -> list[str]:
+        """The analyzed query (lower-cased, stopwords removed, stemmed)."""
+        out = bm25s.tokenize([query], stopwords="en", stemmer=self.stemmer, show_progress=False, return_ids=False)
+        return list(out[0])
 
     def corpus_scores(self, query: str) -> np.ndarray:
         """BM25 score of every catalog row for ``query`` [num_items]."""
         if query not in self._cache:
-            q = bm25s.tokenize([query], stopwords="en", show_progress=False, return_ids=False)[0]
-            self._cache[query] = np.asarray(self.retriever.get_scores(q), dtype=np.float32)
+            tokens = self.query_tokens(query)
+            if self.retriever is None or not tokens:
+                self._cache[query] = np.zeros(self.num_items, np.float32)
+            else:
+                self._cache[query] = np.asarray(self.retriever.get_scores(tokens), dtype=np.float32)
         return self._cache[query]
 
     def score(self, queries: list[str], items: np.ndarray) -> np.ndarray:
