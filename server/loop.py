@@ -211,7 +211,8 @@ def _checkpoint(
     model = arrays_to_head(settings, state.arrays)
     run_config, strat = settings.to_flat(), strategy_state(strategy)
     seeds = {"server": settings.server.seed, "torch": torch.initial_seed()}
-    for path in (ckpt_dir / f"round-{rnd:03d}.pt", out_dir / LAST):
+    # last.pt first: once round-NNN.pt exists, resume (which reads last.pt) starts after round NNN
+    for path in (out_dir / LAST, ckpt_dir / f"round-{rnd:03d}.pt"):
         save_checkpoint(path, model, run_config=run_config, round=rnd, strategy_state=strat,
                         metrics_history=state.rounds, seeds=seeds)
 
