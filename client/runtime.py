@@ -65,8 +65,8 @@ from client.runtime_bundle import (
     BundleError,
     PackedCatalog,
     RerankInputError,
+    read_bundle_file,
     read_manifest,
-    verify_file,
 )
 from client.runtime_images import to_pixels
 from client.runtime_models import (
@@ -114,7 +114,8 @@ class Reranker:
     """Reranks candidate items for a query with the bundle's text encoder, catalog and head (see module doc)."""
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], backend: str, num_threads: int,
-                 tokenizer: Any, text: ExportedModel, head: ExportedModel, catalog: PackedCatalog) -> None:
+                 tokenizer: Any, text: ExportedModel, head: ExportedModel, catalog: PackedCatalog,
+                 image_model: bytes | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -126,14 +127,17 @@ class Reranker:
         self.history_len = int(manifest["catalog"].get("history_len", HISTORY_LEN))
         self.price_log = log_prices(catalog.arrays["price"])
         self._image: ExportedModel | None = None
+        self._image_model = image_model  # the image encoder file's verified bytes, until the first photo query
         self._empty_query: np.ndarray | None = None
 
     # ---------------------------------------------------------------------------------------- loading
     @classmethod
     def load(cls, bundle_dir: str | os.PathLike[str], backend: str = "onnx", num_threads: int = 1,
              verify: bool = True) -> Reranker:
-        """Open a bundle: check the manifest (format, version), each needed file's sha256 (``verify``), load the
-        tokenizer, text encoder, head and catalog. The image encoder loads on the first photo query."""
+        """Open a bundle: check the manifest against ``manifest.sha256`` (and its format, version, keys), read each
+        file this backend needs once and check its sha256 (skipped with ``verify=False``; the manifest's digest is
+        always checked), then build the tokenizer, text encoder, head and catalog from those bytes. The image
+        encoder is read and checked now too, and built from its bytes on the first photo query."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         root = Path(bundle_dir)
@@ -145,37 +149,28 @@ class Reranker:
                                             f"{sorted(comps.get(comp, {}).get('files', {}))})")
         if "catalog" not in man:
             raise BundleError(MANIFEST, "this bundle has no catalog: pass --catalog to fedrank export")
+        names = {"tokenizer": man["tokenizer"]["file"], "catalog": man["catalog"]["file"],
+                 "text_encoder": comps["text_encoder"]["files"][backend], "head": comps["head"]["files"][backend]}
+        image = comps.get("image_encoder", {}).get("files", {}).get(backend)
+        if image is not None:
+            names["image_encoder"] = image
+        data = {part: read_bundle_file(root, man, name, verify) for part, name in names.items()}  # all, then build
 
-        def path_of(name: str) -> Path:
-            return verify_file(root, man, name) if verify else root / name
-
-        tok_name = man["tokenizer"]["file"]
-        tokenizer = _load_tokenizer(path_of(tok_name), tok_name, int(man["tokenizer"]["max_length"]))
-        parts: dict[str, ExportedModel] = {}
-        for comp in ("text_encoder", "head"):
-            name = comps[comp]["files"][backend]
-            parts[comp] = open_model(backend, path_of(name), name, man["files"][name], comp, num_threads)
-        cat = man["catalog"]
+        tokenizer = _load_tokenizer(data["tokenizer"], names["tokenizer"], int(man["tokenizer"]["max_length"]))
+        text, head = (open_model(backend, data[comp], names[comp], man["files"][names[comp]], comp, num_threads)
+                      for comp in ("text_encoder", "head"))
         dims = {"text": int(man["dims"]["text"]), "image": int(man["dims"]["image"])}
-        catalog = PackedCatalog.load(path_of(cat["file"]), list(cat["item_ids"]), dims)
-        rr = cls(root, man, backend, num_threads, tokenizer, parts["text_encoder"], parts["head"], catalog)
-        if verify:  # fail now, not on the first photo, if the image encoder is damaged
-            img = comps.get("image_encoder", {}).get("files", {}).get(backend)
-            if img is not None:
-                verify_file(root, man, img)
-        return rr
+        catalog = PackedCatalog.from_bytes(data["catalog"], names["catalog"], list(man["catalog"]["item_ids"]), dims)
+        return cls(root, man, backend, num_threads, tokenizer, text, head, catalog, data.get("image_encoder"))
 
     def _image_encoder(self) -> ExportedModel:
         if self._image is None:
-            files = self.manifest["components"].get("image_encoder", {}).get("files", {})
-            name = files.get(self.backend)
-            if name is None:
+            name = self.manifest["components"].get("image_encoder", {}).get("files", {}).get(self.backend)
+            if name is None or self._image_model is None:
                 raise BundleError(MANIFEST, f"no {self.backend} image encoder in this bundle (search-by-photo)")
-            path = self.bundle_dir / name
-            if not path.is_file():
-                raise BundleError(name, "missing from the bundle")
-            self._image = open_model(self.backend, path, name, self.manifest["files"][name], "image_encoder",
-                                     self.num_threads)
+            self._image = open_model(self.backend, self._image_model, name, self.manifest["files"][name],
+                                     "image_encoder", self.num_threads)
+            self._image_model = None  # the model keeps what it needs
         return self._image
 
     # ---------------------------------------------------------------------------------------- pieces
@@ -312,11 +307,11 @@ class Reranker:
         return np.where(has, ref @ photo / denom, -1.0)
 
 
-def _load_tokenizer(path: Path, name: str, max_length: int) -> Any:
+def _load_tokenizer(data: bytes, name: str, max_length: int) -> Any:
     from tokenizers import Tokenizer
 
     try:
-        tok = Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_str(data.decode("utf-8"))
     except Exception as e:  # tokenizers raises its own Exception type on bad JSON
         raise BundleError(name, f"cannot load the tokenizer ({e.__class__.__name__}: {e})") from e
     tok.no_padding()

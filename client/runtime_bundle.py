@@ -7,6 +7,7 @@ A bundle is one directory::
 
     manifest.json            format + version, every file's sha256 / size / IO names and shapes / quantization /
                              measured fidelity, embedding dims, package versions, catalog item ids
+    manifest.sha256          the sha256 of manifest.json's bytes, one ``sha256sum`` line (``sha256sum -c`` checks it)
     tokenizer.json           the text encoder's tokenizer (``tokenizers`` library)
     text_encoder.<q>.onnx    text encoder with pooling and L2 norm: input_ids, attention_mask -> text_embedding
     text_encoder.<q>.tflite  the same, one signature per token length (``t16``, ``t32``, ``t64``; batch 1)
@@ -18,11 +19,17 @@ A bundle is one directory::
                              modality mask, item dense features, raw price; rows in manifest ``catalog.item_ids``
 
 ``<q>`` names the precision actually stored (``int8``, ``fp16``, ``fp32``).
+
+Integrity: ``manifest.sha256`` covers the manifest, and the manifest lists every other file's sha256, so one chain
+of digests covers the whole bundle (the ids in ``catalog.item_ids`` included: they say which product each catalog
+row is). A reader takes each file's bytes once (:func:`read_bundle_file`), checks them, and builds everything from
+those bytes -- never from the path again, so a file that changes on disk afterwards changes nothing it loaded.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -35,8 +42,9 @@ from shared_model.head_features import HEAD_INPUTS as HEAD_INPUTS  # the head's 
 from shared_model.head_features import NUM_MODALITIES
 
 BUNDLE_FORMAT = "fedrank-bundle"
-BUNDLE_VERSION = 1  # bump on any incompatible change of the layout or of a file's inputs/outputs
+BUNDLE_VERSION = 2  # bump on any incompatible change of the layout or of a file's inputs/outputs (2: manifest.sha256)
 MANIFEST = "manifest.json"
+MANIFEST_DIGEST = "manifest.sha256"
 TOKENIZER = "tokenizer.json"
 CATALOG = "catalog.npz"
 COMPONENTS = ("text_encoder", "image_encoder", "head")
@@ -81,31 +89,67 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def manifest_digest_line(manifest: bytes) -> str:
+    """The content of ``manifest.sha256`` for the manifest's bytes: one ``sha256sum`` line."""
+    return f"{hashlib.sha256(manifest).hexdigest()}  {MANIFEST}\n"
+
+
+def write_manifest(bundle_dir: str | os.PathLike[str], manifest: bytes) -> None:
+    """Write ``manifest.json`` (its bytes, as serialised by the exporter) and the ``manifest.sha256`` sealing it."""
+    root = Path(bundle_dir)
+    (root / MANIFEST).write_bytes(manifest)
+    (root / MANIFEST_DIGEST).write_text(manifest_digest_line(manifest), encoding="utf-8")
+
+
 def read_manifest(bundle_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Parse and check ``manifest.json``: format, version and the keys the runtime relies on."""
+    """Read ``manifest.json`` once, and check it: format, version, its sha256 against ``manifest.sha256``, then the
+    keys and types the runtime relies on. The dict is parsed from the very bytes that were verified."""
     root = Path(bundle_dir)
     if not root.is_dir():
         raise BundleError(root, "no such bundle directory")
-    path = root / MANIFEST
     try:
-        text = path.read_text(encoding="utf-8")
+        data = (root / MANIFEST).read_bytes()
     except OSError as e:
         raise BundleError(MANIFEST, f"cannot read the manifest ({e.__class__.__name__}: {e})") from e
     try:
-        man = json.loads(text)
+        man = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise BundleError(MANIFEST, f"not valid UTF-8 ({e})") from e
     except json.JSONDecodeError as e:
         raise BundleError(MANIFEST, f"not valid JSON ({e})") from e
     if not isinstance(man, dict) or man.get("format") != BUNDLE_FORMAT:
         raise BundleError(MANIFEST, f"not a {BUNDLE_FORMAT} manifest")
     version = man.get("format_version")
-    if version != BUNDLE_VERSION:
+    if version != BUNDLE_VERSION:  # before the digest: a bundle of format 1 has no manifest.sha256
         raise BundleError(MANIFEST, f"bundle format version {version!r} is not supported by this runtime "
                                     f"(expects {BUNDLE_VERSION}); re-export the bundle")
+    _check_manifest_digest(root, data)
     for key in ("files", "components", "tokenizer"):
         if key not in man:
             raise BundleError(MANIFEST, f"missing key {key!r}")
     _check_manifest_types(man)
     return man
+
+
+def _check_manifest_digest(root: Path, manifest: bytes) -> None:
+    """``manifest`` (the bytes of manifest.json) must hash to the digest in ``manifest.sha256``."""
+    try:
+        text = (root / MANIFEST_DIGEST).read_bytes().decode("utf-8", errors="replace")
+    except FileNotFoundError as e:
+        raise BundleError(MANIFEST_DIGEST, f"missing from the bundle, so {MANIFEST} cannot be verified; "
+                                           "re-export the bundle") from e
+    except OSError as e:
+        raise BundleError(MANIFEST_DIGEST, f"cannot read it ({e.__class__.__name__}: {e})") from e
+    fields = text.split()
+    want = fields[0].lower() if fields else ""
+    if (len(fields) > 2 or len(want) != 64 or any(c not in "0123456789abcdef" for c in want)
+            or (len(fields) == 2 and fields[1].removeprefix("*") != MANIFEST)):
+        raise BundleError(MANIFEST_DIGEST, f"expected one line '<sha256 of {MANIFEST}: 64 hex digits>  {MANIFEST}', "
+                                           f"got {text[:100]!r}")
+    got = hashlib.sha256(manifest).hexdigest()
+    if got != want:
+        raise BundleError(MANIFEST, f"sha256 mismatch (file {got[:12]}..., {MANIFEST_DIGEST} {want[:12]}...): the "
+                                    "manifest is corrupt or was modified; re-export the bundle")
 
 
 def _check_manifest_types(man: dict[str, Any]) -> None:
@@ -135,21 +179,37 @@ def _check_manifest_types(man: dict[str, Any]) -> None:
         cat = man["catalog"]
         need(isinstance(cat, dict) and isinstance(cat.get("file"), str) and isinstance(cat.get("item_ids"), list),
              "catalog", "an object with 'file' (string) and 'item_ids' (list)")
+        need(all(isinstance(i, str) for i in cat["item_ids"]), "catalog.item_ids", "a list of strings")
+        seen: set[str] = set()
+        for item_id in cat["item_ids"]:
+            if item_id in seen:
+                raise BundleError(MANIFEST, f"key 'catalog.item_ids' holds item id {item_id!r} twice (a duplicate): "
+                                            "one catalog row per id")
+            seen.add(item_id)
 
 
-def verify_file(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], name: str) -> Path:
-    """The path of bundle file ``name`` after checking that it exists and that its sha256 matches the manifest."""
+def read_bundle_file(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any], name: str,
+                     verify: bool = True) -> bytes:
+    """The bytes of bundle file ``name``, read once; with ``verify`` their sha256 must match the manifest's.
+
+    Build from these bytes, never from the path again: what was checked is then exactly what runs, and a file
+    that changes on disk later (a re-export, a sync, a truncation) cannot reach a model already loaded.
+    """
     entry = manifest["files"].get(name)
     if entry is None:
         raise BundleError(name, "not listed in the manifest")
-    path = Path(bundle_dir) / name
-    if not path.is_file():
-        raise BundleError(name, "missing from the bundle")
-    digest = sha256_file(path)
-    if digest != entry.get("sha256"):
-        raise BundleError(name, f"sha256 mismatch (file {digest[:12]}..., manifest {str(entry.get('sha256'))[:12]}...):"
-                                " the file is corrupt or was modified")
-    return path
+    try:
+        data = (Path(bundle_dir) / name).read_bytes()
+    except FileNotFoundError as e:
+        raise BundleError(name, "missing from the bundle") from e
+    except OSError as e:
+        raise BundleError(name, f"cannot read it ({e.__class__.__name__}: {e})") from e
+    if verify:
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != entry.get("sha256"):
+            raise BundleError(name, f"sha256 mismatch (file {digest[:12]}..., manifest "
+                                    f"{str(entry.get('sha256'))[:12]}...): the file is corrupt or was modified")
+    return data
 
 
 # ------------------------------------------------------------------------------------------- catalog
@@ -213,10 +273,19 @@ class PackedCatalog:
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], item_ids: list[str], dims: dict[str, int]) -> PackedCatalog:
-        """Load ``catalog.npz``; every array is checked against ``item_ids`` and the embedding ``dims``."""
-        name = Path(path).name
+        """Load ``catalog.npz`` from a file (see :meth:`from_bytes`)."""
         try:
-            with np.load(path, allow_pickle=False) as z:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise BundleError(Path(path).name, f"cannot read the catalog ({e.__class__.__name__}: {e})") from e
+        return cls.from_bytes(data, Path(path).name, item_ids, dims)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str, item_ids: list[str], dims: dict[str, int]) -> PackedCatalog:
+        """The catalog from the bytes of ``catalog.npz`` (``name`` in errors); every array is checked against
+        ``item_ids`` and the embedding ``dims``."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
         except Exception as e:  # zip/npy errors of all kinds: a corrupt file
             raise BundleError(name, f"cannot read the catalog ({e.__class__.__name__}: {e})") from e

@@ -6,6 +6,10 @@ inputs are zero-padded up to the smallest signature that holds them (the caller 
 truncates or chunks inputs longer than ``max_size``). On top of it, :func:`encode_tokens` (text encoder) and
 :func:`score_slate` (head) are the only places that know how each component is fed.
 
+Every model is created from the verified bytes of its file (``runtime_bundle.read_bundle_file``), never from its
+path: ONNX Runtime parses them, LiteRT runs on them in memory (given a path, LiteRT maps the file, and a file
+that shrinks underneath a mapped interpreter kills the process with SIGBUS).
+
 Torch-free, like the rest of the runtime: imports numpy, and ``onnxruntime`` or ``ai_edge_litert`` lazily.
 """
 
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -50,9 +53,9 @@ class ExportedModel(ABC):
 
 
 class OnnxModel(ExportedModel):
-    """One ONNX Runtime session, single-threaded by default, no spinning."""
+    """One ONNX Runtime session (from the file's bytes), single-threaded by default, no spinning."""
 
-    def __init__(self, path: Path, name: str, num_threads: int) -> None:
+    def __init__(self, model: bytes, name: str, num_threads: int) -> None:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -62,7 +65,7 @@ class OnnxModel(ExportedModel):
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.log_severity_level = 3
         try:
-            self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+            self.session = ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
         except Exception as e:  # ORT raises its own Fail/InvalidProtobuf/... types
             raise BundleError(name, f"ONNX Runtime cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
         self.output = self.session.get_outputs()[0].name
@@ -72,13 +75,14 @@ class OnnxModel(ExportedModel):
 
 
 class TfliteModel(ExportedModel):
-    """One LiteRT interpreter with its fixed-size signatures (``(size, key)``, sorted by size)."""
+    """One LiteRT interpreter (on the file's bytes, which it keeps) with its fixed-size signatures (``(size, key)``,
+    sorted by size)."""
 
-    def __init__(self, path: Path, name: str, num_threads: int, signatures: Sequence[tuple[int, str]],
+    def __init__(self, model: bytes, name: str, num_threads: int, signatures: Sequence[tuple[int, str]],
                  output: str) -> None:
         interpreter_cls = load_interpreter_class()
         try:
-            self.interpreter = interpreter_cls(model_path=str(path), num_threads=num_threads)
+            self.interpreter = interpreter_cls(model_content=model, num_threads=num_threads)
             self.runners = {k: self.interpreter.get_signature_runner(k) for _, k in signatures}
         except Exception as e:  # ValueError/RuntimeError on a corrupt flatbuffer
             raise BundleError(name, f"LiteRT cannot load it ({e.__class__.__name__}: {str(e)[:300]})") from e
@@ -111,16 +115,17 @@ def _zero_pad(x: np.ndarray, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
     return out
 
 
-def open_model(backend: str, path: Path, name: str, entry: dict[str, Any], component: str,
+def open_model(backend: str, model: bytes, name: str, entry: dict[str, Any], component: str,
                num_threads: int) -> ExportedModel:
-    """The exported file ``name`` of ``component`` for ``backend``; ``entry`` is its manifest record."""
+    """The exported file ``name`` of ``component`` for ``backend``, from its (verified) bytes ``model``; ``entry``
+    is its manifest record."""
     if backend == "onnx":
-        return OnnxModel(path, name, num_threads)
+        return OnnxModel(model, name, num_threads)
     axis, output = COMPONENT_IO[component]
     sigs = sorted((int(s["sizes"][axis]), str(s["key"])) for s in entry.get("signatures", []))
     if not sigs:
         raise BundleError(name, "the manifest lists no signatures for this TFLite file")
-    return TfliteModel(path, name, num_threads, sigs, output)
+    return TfliteModel(model, name, num_threads, sigs, output)
 
 
 # ------------------------------------------------------------------------------------------ components

@@ -36,9 +36,9 @@ from client.runtime_bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
     CATALOG,
-    MANIFEST,
     TOKENIZER,
     sha256_file,
+    write_manifest,
 )
 from export.catalog import pack_catalog
 from export.errors import ExportError, ExportValidationError
@@ -382,7 +382,8 @@ def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], componen
 
 
 def _write_manifest(staging: Path, manifest: dict[str, Any]) -> None:
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, default=_json_default), encoding="utf-8")
+    """``manifest.json`` and the ``manifest.sha256`` that seals it (client/runtime_bundle.py: integrity)."""
+    write_manifest(staging, json.dumps(manifest, indent=1, default=_json_default).encode("utf-8"))
 
 
 def _json_default(x: Any) -> Any:

@@ -1,16 +1,22 @@
 """``fedrank export``, ``fedrank rerank`` and ``fedrank bench ondevice``: registered by :func:`add_commands`.
 
 Handlers parse arguments, call the library and print for people; they return an exit code (0 ok, 1 an exported
-file failed its validation, 2 unusable input or bad usage: one line on stderr naming the file/field).
+file failed its validation, 2 unusable input or bad usage: one line on stderr naming the file/field). Every id
+file is read by :func:`read_id_file`.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
+import math
+import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from shared_model.console import EXIT_BAD_INPUT, one_line
 
@@ -37,8 +43,12 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--query", help="text query")
     r.add_argument("--query-image", help="search by photo: an image file")
     r.add_argument("--candidates", required=True,
-                   help="file with one candidate item id per line (optional 2nd column: first-stage score)")
-    r.add_argument("--recent", help="file with the shopper's recently clicked item ids, one per line, most recent last")
+                   help="UTF-8 file with one candidate item id per line, in first-stage order (the whole line, "
+                        "trimmed: spaces inside an id are kept); optionally a TAB and the first-stage score "
+                        "(ID<TAB>SCORE), on every line or on none; blank lines are skipped, a repeated id is left "
+                        "out with a warning")
+    r.add_argument("--recent", help="UTF-8 file with the shopper's recently clicked item ids, one per line (the "
+                                    "whole line, trimmed), most recent last; no score column")
     r.add_argument("--backend", default="onnx", choices=["onnx", "tflite"])
     r.add_argument("--top", type=int, default=0, help="print only the best N (default all)")
     r.add_argument("--skip-unknown", action="store_true", help="drop candidate ids missing from the bundle")
@@ -83,10 +93,14 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from client.runtime import BundleError, Reranker, RerankInputError
 
     try:
-        cands, scores = _read_candidates(args.candidates)
-        recent = _read_ids(args.recent, "--recent") if args.recent else None
+        cands = read_id_file(args.candidates, "--candidates", scores=True)
+        recent = read_id_file(args.recent, "--recent") if args.recent else None
+        for path, ids in ((args.candidates, cands), (args.recent, recent)):
+            if ids is not None:
+                _warn_duplicates("rerank", path, ids.duplicates)
         rr = Reranker.load(args.bundle, backend=args.backend)
-        ranked = rr.rerank(args.query, cands, recent, query_image=args.query_image, retrieval_scores=scores,
+        ranked = rr.rerank(args.query, cands.ids, None if recent is None else recent.ids,
+                           query_image=args.query_image, retrieval_scores=cands.scores,
                            skip_unknown=args.skip_unknown)
     except (BundleError, RerankInputError) as e:
         print(f"fedrank rerank: error: {one_line(e)}", file=sys.stderr)
@@ -98,12 +112,13 @@ def cmd_rerank(args: argparse.Namespace) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"{args.query or args.query_image!s} ({args.backend})")
+    table = Table(title=Text(f"{args.query or args.query_image!s} ({args.backend})"))  # Text: no rich markup
     for col in ("rank", "item_id", "score"):
         table.add_column(col, justify="right" if col != "item_id" else "left")
     for k, (i, s) in enumerate(ranked, 1):
-        table.add_row(str(k), i, f"{s:.4f}")
+        table.add_row(str(k), Text(i), f"{s:.4f}")  # an id is data: "[red] shoe" prints as it is
     Console().print(table)
     return 0
 
@@ -162,28 +177,101 @@ def _split(s: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in s.split(",") if x.strip())
 
 
-def _read_ids(path: str, flag: str) -> list[str]:
-    from client.runtime import RerankInputError
+# ---------------------------------------------------------------------------------------------- id files
+
+
+class Duplicate(NamedTuple):
+    """A repeated id, left out: its ``line`` and the ``first_line`` it was kept from."""
+
+    item_id: str
+    line: int
+    first_line: int
+
+
+@dataclass(frozen=True)
+class IdList:
+    """An id file as read: ``ids`` in file order, each once; their first-stage ``scores`` (``None`` when the file
+    has no score column); the ``duplicates`` left out."""
+
+    ids: list[str]
+    scores: list[float] | None
+    duplicates: list[Duplicate]
+
+
+def read_id_file(path: str | os.PathLike[str], flag: str, scores: bool = False) -> IdList:
+    """Read an id file (``--candidates``, ``--recent``): ids are data, not words.
+
+    UTF-8 (a leading BOM is dropped), LF or CRLF line ends, one id per line: the whole line with the whitespace
+    around it trimmed (``red shoe 1`` is one id); blank lines are skipped; a repeated id is left out, the first
+    occurrence wins, and it is listed in ``duplicates``. With ``scores``, a line may end in a TAB and a
+    first-stage score (``red shoe 1<TAB>0.83``): on every line or on none; a line without a TAB is all id.
+    Without ``scores`` a TAB is an error. Errors are ``RerankInputError(flag, "FILE:LINE: field 'F': ...")``.
+    """
+    from client.runtime_bundle import RerankInputError
+
+    def bad(line: int, field: str, problem: str) -> RerankInputError:
+        return RerankInputError(flag, f"{path}:{line}: field {field!r}: {problem}")
+
+    text = _read_utf8(path, flag, bad)
+    ids: list[str] = []
+    values: list[float] = []
+    duplicates: list[Duplicate] = []
+    first: dict[str, int] = {}
+    scored = unscored = 0  # the first line with / without a score
+    for n, raw in enumerate(text.split("\n"), 1):
+        item_id, tab, value = raw.strip().partition("\t")
+        item_id = item_id.strip()
+        if not item_id:
+            continue
+        if tab and not scores:
+            raise bad(n, "item_id", f"holds a TAB ({raw.strip()!r}): this file takes one id per line, no score")
+        score = _parse_score(value.strip(), functools.partial(bad, n, "score")) if tab else 0.0
+        if tab:
+            scored = scored or n
+        else:
+            unscored = unscored or n
+        if scored and unscored:  # this line is the first to differ from an earlier one
+            problem = f"unexpected (line {unscored} has none)" if tab else f"missing (line {scored} has one)"
+            raise bad(n, "score", f"{problem}: give a first-stage score on every line or on none")
+        if item_id in first:
+            duplicates.append(Duplicate(item_id, n, first[item_id]))
+            continue
+        first[item_id] = n
+        ids.append(item_id)
+        if tab:
+            values.append(score)
+    return IdList(ids, values if scored else None, duplicates)
+
+
+def _read_utf8(path: str | os.PathLike[str], flag: str, bad: Callable[[int, str, str], Exception]) -> str:
+    from client.runtime_bundle import RerankInputError
 
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
+        data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    except OSError as e:
         raise RerankInputError(flag, f"cannot read {path}: {e}") from e
-    return [ln.split()[0] for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-
-
-def _read_candidates(path: str) -> tuple[list[str], list[float] | None]:
-    from client.runtime import RerankInputError
-
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RerankInputError("--candidates", f"cannot read {path}: {e}") from e
-    rows = [ln.split() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")]
-    ids = [r[0] for r in rows]
-    if rows and all(len(r) >= 2 for r in rows):
-        try:
-            return ids, [float(r[1]) for r in rows]
-        except ValueError as e:
-            raise RerankInputError("--candidates", f"second column must be a number: {e}") from e
-    return ids, None
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad(data[: e.start].count(b"\n") + 1, "(encoding)", f"not valid UTF-8 (byte {e.start})") from e
+
+
+def _parse_score(value: str, bad: Callable[[str], Exception]) -> float:
+    if "\t" in value:
+        raise bad(f"a third column ({value!r}): expected ID<TAB>SCORE")
+    try:
+        score = float(value)
+    except ValueError as e:
+        raise bad(f"not a number: {value!r}") from e
+    if not math.isfinite(score):
+        raise bad(f"not a finite number: {value!r}")
+    return score
+
+
+def _warn_duplicates(command: str, path: str, duplicates: list[Duplicate], shown: int = 10) -> None:
+    for d in duplicates[:shown]:
+        print(f"fedrank {command}: warning: {path}:{d.line}: duplicate id {d.item_id!r} (first on line "
+              f"{d.first_line}); left out", file=sys.stderr)
+    if len(duplicates) > shown:
+        print(f"fedrank {command}: warning: {path}: {len(duplicates) - shown} more duplicate ids left out",
+              file=sys.stderr)

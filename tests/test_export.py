@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from client.runtime_bundle import BUNDLE_FORMAT, BUNDLE_VERSION, sha256_file
+from client.runtime_bundle import BUNDLE_FORMAT, BUNDLE_VERSION, manifest_digest_line, sha256_file
 from export.bundle import ExportOptions, Sources, _choose, export_bundle
 from export.errors import ExportError, ExportValidationError
 from export.spec import HEAD_INPUTS, head_spec, image_spec, random_head_inputs, random_images, text_spec
@@ -96,8 +96,9 @@ def manifest(built: Built) -> dict[str, Any]:
 def test_manifest_describes_every_file(built: Built, manifest: dict[str, Any]) -> None:
     bundle = built[2] / "b"
     assert manifest["format"] == BUNDLE_FORMAT and manifest["format_version"] == BUNDLE_VERSION
-    on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json"}
+    on_disk = {p.name for p in bundle.iterdir()} - {"manifest.json", "manifest.sha256"}
     assert on_disk == set(manifest["files"])
+    assert (bundle / "manifest.sha256").read_text() == manifest_digest_line((bundle / "manifest.json").read_bytes())
     for name, rec in manifest["files"].items():
         assert rec["sha256"] == sha256_file(bundle / name)
         assert rec["bytes"] == (bundle / name).stat().st_size

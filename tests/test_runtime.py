@@ -20,7 +20,14 @@ import torch
 from test_export import tiny_setup  # the module pytest collected: its cached bundle is shared
 
 from client.runtime import Reranker
-from client.runtime_bundle import BundleError, PackedCatalog, RerankInputError, pack_rows, unpack_rows
+from client.runtime_bundle import (
+    BundleError,
+    PackedCatalog,
+    RerankInputError,
+    pack_rows,
+    unpack_rows,
+    write_manifest,
+)
 from shared_model.head_features import HISTORY_LEN
 from shared_model.metrics import kendall_tau
 
@@ -268,7 +275,7 @@ def test_backend_not_in_bundle(bundle: Path, tmp_path: Path) -> None:
     b = _copy(bundle, tmp_path)
     man = json.loads((b / "manifest.json").read_text())
     del man["components"]["head"]["files"]["tflite"]
-    (b / "manifest.json").write_text(json.dumps(man))
+    write_manifest(b, json.dumps(man).encode())  # a bundle exported for ONNX only
     with pytest.raises(BundleError, match="no tflite file for the head"):
         Reranker.load(b, backend="tflite")
     with pytest.raises(ValueError):
