@@ -31,16 +31,24 @@ valid row) always raise.
 
 Judgments
 ---------
-``query,item_id,grade`` rows (CSV/TSV with a header, or JSONL objects with those keys; ``relevance`` and
-``label`` are accepted as aliases of ``grade``). Grades are integers. The simulator writes 0..3 (0 = not
-relevant, 3 = exact match); files on a 0..4 scale (e.g. TREC-style) are accepted and returned unchanged,
-since the metrics use the gain ``2**grade - 1`` whatever the top grade is. Pass ``max_grade=3`` to reject
-anything above 3.
+``query,item_id,grade`` rows (CSV/TSV with a header, or JSONL objects with those keys), the shape of ESCI /
+product-search relevance sets: ``product_id`` is accepted for ``item_id``; ``relevance``, ``label`` and
+``esci_label`` for ``grade``. Grades are numbers >= 0, integer or decimal (averaged annotator scores such as
+``1.33``), on any scale (0..3 as the simulator writes, 0..4, 0..6, ...), or text labels turned into grades by a
+label map (default: ESCI's Exact = 3, Substitute = 2, Complement = 1, Irrelevant = 0). Pass ``max_grade`` to
+reject grades above a scale's top. Details in :mod:`shared_model.judgments_io`.
+
+Other catalog layouts
+---------------------
+A CSV whose header is the Kaggle "Fashion Product Images" ``styles.csv`` one (``id``, ``productDisplayName``,
+no ``item_id``/``title``) is read by :func:`shared_model.adapters.load_fashion_styles` wherever a catalog is
+loaded.
 
 Modules
 -------
 This module reads and writes catalogs and re-exports the judgment readers
-(:mod:`shared_model.judgments_io`) and the row/error types (:mod:`shared_model.catalog_rows`) they share.
+(:mod:`shared_model.judgments_io`) and the row/error types (:mod:`shared_model.catalog_rows`) they share; the
+``styles.csv`` reader is in :mod:`shared_model.adapters`.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ from typing import Any
 
 from PIL import Image
 
+from shared_model.adapters import is_fashion_styles, load_fashion_styles_with_report
 from shared_model.catalog_rows import (
     CSV_EXT,
     CatalogError,
@@ -66,13 +75,24 @@ from shared_model.catalog_rows import (
     as_text,
     check_header,
     file_kind,
+    header_names,
     iter_rows,
 )
-from shared_model.judgments_io import load_judgments, load_judgments_with_report
+from shared_model.judgments_io import (
+    DEFAULT_LABEL_MAP,
+    Judgment,
+    LabelMap,
+    load_judgments,
+    load_judgments_with_report,
+    parse_label_map,
+)
 from shared_model.schema import CORE_FIELDS, Catalog, CatalogItem, atomic_write
 
 __all__ = [
+    "DEFAULT_LABEL_MAP",
     "CatalogError",
+    "Judgment",
+    "LabelMap",
     "LoadReport",
     "SkippedRow",
     "image_ok",
@@ -80,6 +100,7 @@ __all__ = [
     "load_catalog_with_report",
     "load_judgments",
     "load_judgments_with_report",
+    "parse_label_map",
     "save_catalog",
     "save_catalog_csv",
     "save_catalog_jsonl",
@@ -147,12 +168,13 @@ def _parse_item(raw: dict[str, Any], kind: str, base: Path) -> CatalogItem:
 
 
 def load_catalog_with_report(path: str | os.PathLike[str], skip_bad: bool = False) -> tuple[Catalog, LoadReport]:
-    """Read a catalog in the generic format and report what was skipped.
+    """Read a catalog in the generic format (or a Kaggle fashion ``styles.csv``) and report what was skipped.
 
     Parameters
     ----------
     path : str or PathLike
-        ``.csv``/``.tsv``/``.jsonl`` file (format chosen by extension).
+        ``.csv``/``.tsv``/``.jsonl`` file (format chosen by extension); a CSV with the ``styles.csv`` header is
+        read by :func:`shared_model.adapters.load_fashion_styles_with_report`.
     skip_bad : bool
         Skip malformed rows (listed in the report) instead of raising.
 
@@ -170,6 +192,8 @@ def load_catalog_with_report(path: str | os.PathLike[str], skip_bad: bool = Fals
     """
     p = Path(path)
     kind = file_kind(p)
+    if kind == "csv" and is_fashion_styles(header_names(p)):
+        return load_fashion_styles_with_report(p, skip_bad=skip_bad)
     check_header(p, kind, _REQUIRED)
     base = p.resolve().parent
     report = LoadReport(path=str(p))

@@ -22,6 +22,7 @@ from shared_model.schema import CORE_FIELDS
 __all__ = [
     "CSV_EXT",
     "GRADE_ALIASES",
+    "ITEM_ID_ALIASES",
     "JSONL_EXT",
     "CatalogError",
     "LoadReport",
@@ -38,7 +39,8 @@ __all__ = [
 
 CSV_EXT = {".csv": ",", ".tsv": "\t", ".tab": "\t"}
 JSONL_EXT = {".jsonl", ".json-lines", ".jsonlines", ".ndjson"}
-GRADE_ALIASES = ("grade", "relevance", "label")
+GRADE_ALIASES = ("grade", "relevance", "label", "esci_label")  # judgments: the grade column, first match wins
+ITEM_ID_ALIASES = ("item_id", "product_id")  # judgments: the item column (ESCI calls it ``product_id``)
 
 
 class CatalogError(ValueError):
@@ -84,6 +86,7 @@ class LoadReport:
     rows: int = 0  # data rows seen (blank lines not counted)
     loaded: int = 0
     skipped: list[SkippedRow] = field(default_factory=list)
+    labels: dict[str, int] = field(default_factory=dict)  # judgments: rows per text label read through a label map
 
     @property
     def num_skipped(self) -> int:
@@ -136,8 +139,15 @@ def read_text(path: Path) -> str:
         raise CatalogError(path, line, "(encoding)", f"not valid UTF-8 (byte {e.start})") from None
 
 
-def iter_rows(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    """Yield ``(line, mapping)`` per data row, or ``(line, RowError)`` for rows that cannot be parsed."""
+def iter_rows(
+    path: Path, kind: str, absorb_extra: str | None = None,
+) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    """Yield ``(line, mapping)`` per data row, or ``(line, RowError)`` for rows that cannot be parsed.
+
+    ``absorb_extra`` names a CSV column (any case) that, when it is the header's *last* column, takes a row's extra
+    fields joined back with the delimiter: for files whose last column is free text written with unquoted commas
+    (the Kaggle fashion ``styles.csv``). Otherwise a row with extra fields is a wrong column count.
+    """
     text = read_text(path)
     if kind == "jsonl":
         for lineno, raw in enumerate(text.splitlines(), start=1):
@@ -185,6 +195,8 @@ def iter_rows(path: Path, kind: str) -> Iterator[tuple[int, dict[str, Any] | Row
         line, start = start, reader.line_num + 1
         if not row or (len(row) == 1 and not row[0].strip()):
             continue
+        if absorb_extra is not None and len(row) > len(names) and names[-1].lower() == absorb_extra.lower():
+            row = [*row[: len(names) - 1], delim.join(row[len(names) - 1 :])]
         if len(row) != len(names):
             field_name = names[len(row)] if len(row) < len(names) else "(columns)"
             yield line, RowError(field_name, f"wrong column count: expected {len(names)}, found {len(row)}")

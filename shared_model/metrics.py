@@ -13,6 +13,9 @@ Conventions shared by every function here:
   the group's positions). :func:`mrr` can also be asked for the pessimistic or optimistic tie-breaking.
   So a constant scorer gets the metric of a random ranking, not the one of the input order.
 * NaN scores on real items are an error (ValueError).
+* Grades may be any numbers >= 0 (integer or decimal, any top grade). The relevance that MRR and recall need is a
+  threshold on grades; :func:`relevance_thresholds` defines it for any scale relative to the scale's top grade
+  (MRR: the top grade; recall: at least half of it), which on the simulator's 0..3 scale is grade 3 and grade >= 2.
 """
 
 from __future__ import annotations
@@ -22,21 +25,27 @@ from typing import Any
 import numpy as np
 
 __all__ = [
+    "GAINS",
     "MRR",
     "NDCG10",
     "RECALL10",
+    "RECALL_FRACTION",
     "compute_metrics",
+    "count_defined",
     "kendall_tau",
     "mean_ndcg",
     "mrr",
     "ndcg_at_k",
     "recall_at_k",
+    "relevance_thresholds",
     "summarize",
 ]
 
 NDCG10 = "ndcg@10"
 MRR = "mrr"
 RECALL10 = "recall@10"
+GAINS = ("exp2", "linear")  # gain(g) = 2**g - 1, or g
+RECALL_FRACTION = 0.5  # recall counts items graded at least this share of the scale's top grade
 
 _KENDALL_CHUNK = 1 << 22  # elements of one [chunk, S, S] block in kendall_tau
 
@@ -96,12 +105,26 @@ def _tie_groups(s: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return before, tied
 
 
+def relevance_thresholds(top_grade: float) -> tuple[float, float]:
+    """The grade thresholds of MRR and recall on a ``0..top_grade`` scale: ``(top_grade, top_grade / 2)``.
+
+    MRR is the reciprocal rank of the first item judged at the top grade (the exact match); recall counts the
+    items graded at least half the top grade (:data:`RECALL_FRACTION`). On fedrank's 0..3 scale that is grade 3
+    and grades 2-3, as :func:`shared_model.training.per_list_metrics` uses; on 0..4, grade 4 and 2-4; on 0..6,
+    grade 6 and 3-6; ESCI's E=3/S=2/C=1/I=0: Exact, and Exact or Substitute. A grade of 0 is never relevant:
+    with ``top_grade <= 0`` both thresholds are infinite (no list has a relevant item; the metrics are NaN).
+    """
+    if not np.isfinite(top_grade) or top_grade <= 0:
+        return float("inf"), float("inf")
+    return float(top_grade), float(top_grade) * RECALL_FRACTION
+
+
 def _gains(g: np.ndarray, gain: str) -> np.ndarray:
     if gain == "exp2":
         return np.exp2(g) - 1.0
     if gain == "linear":
         return g
-    raise ValueError(f"gain must be 'exp2' or 'linear', got {gain!r}")
+    raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -297,17 +320,24 @@ def compute_metrics(
     k: int = 10,
     mrr_threshold: float = 1,
     recall_threshold: float = 2,
+    gain: str = "exp2",
 ) -> dict[str, np.ndarray]:
     """The standard per-list metrics: ``{"ndcg@k": ..., "mrr": ..., "recall@k": ...}`` (each ``[B]``).
 
     With the default ``k=10`` the keys are :data:`NDCG10`, :data:`MRR` and :data:`RECALL10`. Feed the result
-    (or several concatenated) to :func:`summarize`.
+    (or several concatenated) to :func:`summarize`. ``gain`` is NDCG's (see :func:`ndcg_at_k`); the thresholds
+    of a scale come from :func:`relevance_thresholds`.
     """
     return {
-        f"ndcg@{k}": ndcg_at_k(scores, grades, mask, k=k),
+        f"ndcg@{k}": ndcg_at_k(scores, grades, mask, k=k, gain=gain),
         MRR: mrr(scores, grades, mask, threshold=mrr_threshold),
         f"recall@{k}": recall_at_k(scores, grades, mask, k=k, threshold=recall_threshold),
     }
+
+
+def count_defined(per_list: dict[str, np.ndarray]) -> dict[str, int]:
+    """How many lists each per-list metric is defined for (not NaN): the lists :func:`summarize` averages."""
+    return {name: int((~np.isnan(_to_numpy(v).astype(np.float64).ravel())).sum()) for name, v in per_list.items()}
 
 
 def summarize(per_list: dict[str, np.ndarray]) -> dict[str, float]:

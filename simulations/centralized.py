@@ -19,6 +19,7 @@ from shared_model.prepared import Prepared
 from shared_model.schema import atomic_write
 from shared_model.training import ips_click_dcg, ranking_metrics, score_slates, train_epochs
 from simulations.baselines import BM25Ranker, CosineRanker
+from simulations.ltr import LtrConfig, fit_prepared, slate_queries
 
 log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides
@@ -102,6 +103,18 @@ def evaluate_all(
     return results
 
 
+def ltr_variants(base: LtrConfig) -> dict[str, LtrConfig]:
+    """The LightGBM rankers of the comparison table (``simulations/ltr.py``), trained on the heads' clicks."""
+    return {
+        "lightgbm lambdarank (naive clicks)": replace(base, ips="none"),
+        "lightgbm lambdarank (IPS clicks)": replace(base, ips="gain"),
+    }
+
+
+def _file_name(name: str, suffix: str) -> str:
+    return name.replace(" ", "_").replace("(", "").replace(")", "") + suffix
+
+
 def run_baselines(
     prep: Prepared,
     out_dir: Path,
@@ -110,7 +123,9 @@ def run_baselines(
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """Train every head variant centrally, evaluate all rankers, write checkpoints and ``results.json``."""
+    """Train every head variant and LightGBM ranker centrally, evaluate all rankers, write checkpoints (heads:
+    ``.pt``, LightGBM: ``.json``) and ``results.json`` (per ranker: metrics; per trained one: fit time and
+    early stopping)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     test = prep.slates("test")
     heads: dict[str, FusedRankingHead] = {}
@@ -120,10 +135,22 @@ def run_baselines(
         model, info = train_central(prep, mcfg, tcfg, epochs=epochs, seed=seed)
         heads[name] = model
         training[name] = info
-        fname = name.replace(" ", "_").replace("(", "").replace(")", "") + ".pt"
-        save_checkpoint(out_dir / fname, model, run_config={"data.dir": str(prep.data_dir), "train": vars(tcfg)},
+        save_checkpoint(out_dir / _file_name(name, ".pt"), model,
+                        run_config={"data.dir": str(prep.data_dir), "train": vars(tcfg)},
                         metrics_history=info["history"], seeds={"seed": seed})
-    results = evaluate_all(prep, heads, test)
+    ltr_rows: dict[str, dict[str, float]] = {}
+    bm25 = BM25Ranker([it.text() for it in prep.catalog.items])
+    queries = slate_queries(prep.log, test)
+    for name, lcfg in ltr_variants(LtrConfig(ips_clip=train_cfg.ips_clip, seed=seed)).items():
+        log.info("training %s", name)
+        ranker, info = fit_prepared(prep, lcfg, VAL_FRAC)
+        training[name] = info
+        ranker.save(out_dir / _file_name(name, ".json"))
+        ltr_rows[name] = ranking_metrics(ranker.score(test, queries, prep.store, bm25), test)
+    evaluated = evaluate_all(prep, heads, test)
+    results = {k: v for k, v in evaluated.items() if k not in heads}  # first-stage and unlearned rankers,
+    results.update(ltr_rows)  # then LightGBM, then the heads
+    results.update({k: v for k, v in evaluated.items() if k in heads})
     payload = {
         "data_dir": str(prep.data_dir),
         "num_test_sessions": int(len(test)),
@@ -135,8 +162,41 @@ def run_baselines(
     return payload
 
 
+RESERVED_RANKER_NAMES = ("production order", "bm25", "cosine")  # the baselines' rows in results
+
+
+def checkpoint_names(paths: list[str], reserved: tuple[str, ...] = RESERVED_RANKER_NAMES) -> dict[str, str]:
+    """A unique ranker name for each checkpoint path: ``{name: path}``, in the order given.
+
+    The name is the shortest suffix of the path, without the file's extension, that is no suffix of another
+    path and no baseline's name: ``runs/central/head.pt`` alone is ``head``; ``run1/last.pt`` and ``run2/last.pt``
+    are ``run1/last`` and ``run2/last``; ``x/bm25.pt`` is ``x/bm25``. Two files differing only in extension keep
+    it (``a/head.pt``, ``a/head.ckpt``). The same file given twice is a ``ValueError``.
+    """
+    resolved = [Path(p).expanduser().resolve() for p in paths]
+    first: dict[Path, str] = {}
+    for p, r in zip(paths, resolved, strict=True):
+        if r in first:
+            raise ValueError(f"{p}: the same checkpoint is given twice (also as {first[r]})")
+        first[r] = p
+    stems = [(*r.parent.parts, r.stem) for r in resolved]
+    parts = [(*r.parent.parts, r.name) if stems.count(s) > 1 else s for s, r in zip(stems, resolved, strict=True)]
+    names: dict[str, str] = {}
+    for i, (p, own) in enumerate(zip(paths, parts, strict=True)):
+        others = [o for j, o in enumerate(parts) if j != i]
+        name = "/".join(own).lstrip("/")
+        for depth in range(1, len(own) + 1):
+            suffix = own[-depth:]
+            candidate = "/".join(suffix).lstrip("/")
+            if candidate not in reserved and all(o[-depth:] != suffix for o in others):
+                name = candidate
+                break
+        names[name] = p
+    return names
+
+
 def load_heads(paths: list[str]) -> dict[str, FusedRankingHead]:
-    """Checkpoints keyed by file stem (the ranker name in results)."""
-    return {Path(p).stem: load_checkpoint(p)[0] for p in paths}
+    """Checkpoints keyed by their ranker name in results (:func:`checkpoint_names`: unique, never a baseline's)."""
+    return {name: load_checkpoint(p)[0] for name, p in checkpoint_names(paths).items()}
 
 

@@ -81,29 +81,54 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from simulations.centralized import evaluate_all, load_heads
+def _judged_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``--gain``, ``--label-map`` and ``--max-grade`` as :func:`simulations.evaluate.evaluate_judgments` keywords."""
+    from shared_model.catalog_io import parse_label_map
 
-    heads = load_heads(args.checkpoint or [])
+    return {"gain": args.gain or "exp2", "max_grade": args.max_grade,
+            "label_map": parse_label_map(args.label_map) if args.label_map else None}
+
+
+def _for_display(rows: dict[str, dict[str, float | None]]) -> dict[str, dict[str, float]]:
+    return {name: {k: float("nan") if v is None else v for k, v in m.items()} for name, m in rows.items()}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from simulations.centralized import checkpoint_names, evaluate_all, load_heads
+    from simulations.evaluate import results_bytes
+
+    checkpoints = checkpoint_names(args.checkpoint or [])
     if args.catalog or args.judgments:
         if not (args.catalog and args.judgments and args.out):
             print("fedrank evaluate: --catalog, --judgments and --out go together", file=sys.stderr)
             return 2
         from simulations.evaluate import evaluate_judgments
 
-        res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad)
-        print_table(f"{res['num_queries']} judged queries ({args.judgments})", res["rankers"])
+        options = _judged_options(args)
+        heads = load_heads(list(checkpoints.values()))
+        res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad,
+                                 checkpoints=checkpoints, **options)
+        print_table(f"{res['num_queries']} judged queries ({args.judgments}; gain {res['gain']['formula']})",
+                    _for_display(res["rankers"]))
+        excluded = {k: v for k, v in res["queries_excluded"].items() if v}
+        if excluded:
+            print(f"queries left out (no relevant item for the metric): {json.dumps(excluded)}")
         print(f"results: {Path(args.out) / 'results.json'}")
         return 0
+    if args.gain or args.label_map or args.max_grade is not None:
+        print("fedrank evaluate: --gain, --label-map and --max-grade go with --catalog and --judgments",
+              file=sys.stderr)
+        return 2
     from shared_model.prepared import prepare
     from shared_model.schema import atomic_write
 
+    heads = load_heads(list(checkpoints.values()))
     prep = prepare(args.data)
     results = evaluate_all(prep, heads)
     print_table(f"held-out sessions ({args.data})", results)
     if args.out:
-        atomic_write(Path(args.out) / "results.json",
-                     lambda f: f.write(json.dumps({"rankers": results}, indent=2).encode()))
+        data = results_bytes({"checkpoints": checkpoints, "rankers": results})
+        atomic_write(Path(args.out) / "results.json", lambda f: f.write(data))
     return 0
 
 
@@ -164,7 +189,8 @@ def add_commands(subparsers: Any) -> None:
     g.add_argument("--out", required=True)
     g.add_argument("--preset", default="default", help="tiny | small | default | large")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--catalog", help="simulate users, queries and clicks over this catalog (CSV/JSONL)")
+    g.add_argument("--catalog", help="simulate users, queries and clicks over this catalog (generic CSV/TSV/JSONL, "
+                                     "or a Kaggle fashion styles.csv with images/ beside it)")
     g.add_argument("--skip-bad", action="store_true", help="skip and count malformed catalog rows")
 
     def head_opts(sp: argparse.ArgumentParser) -> None:
@@ -185,10 +211,15 @@ def add_commands(subparsers: Any) -> None:
     e = add("evaluate", cmd_evaluate, "score rankers on held-out sessions or on a catalog + judgments file")
     e.add_argument("--data", default="data/default")
     e.add_argument("--checkpoint", action="append", help="a trained head (repeatable)")
-    e.add_argument("--catalog")
-    e.add_argument("--judgments")
+    e.add_argument("--catalog", help="a catalog (generic CSV/TSV/JSONL, or a Kaggle fashion styles.csv)")
+    e.add_argument("--judgments", help="query,item_id,grade rows (CSV/TSV/JSONL; ESCI's query,product_id,esci_label)")
     e.add_argument("--out")
     e.add_argument("--skip-bad", action="store_true")
+    e.add_argument("--gain", choices=["exp2", "linear"], help="NDCG gain: exp2 = 2^grade - 1 (default), linear = grade")
+    e.add_argument("--label-map", metavar="FILE_OR_INLINE",
+                   help="text label -> grade, e.g. 'E=3,S=2,C=1,I=0' (the default) or a .json/.toml file")
+    e.add_argument("--max-grade", type=float, metavar="G",
+                   help="the grade scale's top (grades above are errors); default: the largest grade judged")
 
     sm = add("simulate", cmd_simulate, "run a federated scenario through Flower's simulation engine")
     sm.add_argument("--scenario", help="name in simulations/scenarios/ or a .toml path")

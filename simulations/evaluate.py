@@ -1,45 +1,112 @@
 """Evaluate rankers on a catalog + relevance-judgments file (the shape of ESCI / product-search sets).
 
 Each judged query becomes one slate made of its judged items. The first-stage order the head sees as a dense
-feature is BM25's order over that slate (there is no production system here). The shopper has no history.
+feature is BM25's order over that slate (there is no production system here); items BM25 ties (a query with no
+searchable word, a catalog of emoji titles) share one first-stage rank, so the head is never handed an order
+nobody produced. The shopper has no history.
+
+Grades may be decimal and on any scale (see :mod:`shared_model.judgments_io`). NDCG@10 uses the gain chosen
+(``exp2``: ``2**g - 1``, or ``linear``: ``g``); MRR and Recall@10 use :func:`shared_model.metrics.relevance_thresholds`
+of the scale's top grade (the largest grade in the judgments unless ``max_grade`` declares the scale). A metric
+that no judged query defines is ``null`` in ``results.json``, and every metric states how many queries it leaves
+out. ``results.json`` is strict JSON (no NaN).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from shared_model.catalog_io import CatalogError, load_catalog, load_judgments
-from shared_model.data import ItemTable, build_slates
+from shared_model.catalog_io import (
+    DEFAULT_LABEL_MAP,
+    CatalogError,
+    Judgment,
+    LabelMap,
+    load_catalog,
+    load_judgments_with_report,
+)
+from shared_model.catalog_rows import ITEM_ID_ALIASES
+from shared_model.data import ItemTable, Slates, build_slates
 from shared_model.embedding_cache import feature_cache_dir
 from shared_model.features import build_feature_store, encode_queries
 from shared_model.head import FusedRankingHead
+from shared_model.metrics import (
+    GAINS,
+    MRR,
+    NDCG10,
+    RECALL10,
+    RECALL_FRACTION,
+    count_defined,
+    mrr,
+    ndcg_at_k,
+    recall_at_k,
+    relevance_thresholds,
+    summarize,
+)
 from shared_model.schema import Catalog, SessionLog, atomic_write
-from shared_model.training import ranking_metrics, score_slates
+from shared_model.training import score_slates
 from simulations.baselines import BM25Ranker, CosineRanker
 
 log = logging.getLogger(__name__)
+
+BASELINE_RANKERS = ("bm25", "cosine")
+GAIN_FORMULAS = {"exp2": "2**grade - 1", "linear": "grade"}
 
 
 class JudgmentsError(ValueError):
     """The judgments do not fit the catalog."""
 
 
-def judged_sessions(catalog: Catalog, judgments: list[tuple[str, str, int]], source: str, bm25: BM25Ranker) -> SessionLog:
-    """One session per judged query; candidates in BM25 order; grades from the judgments."""
-    by_query: dict[str, dict[int, int]] = defaultdict(dict)
+@dataclass(frozen=True)
+class GradeScale:
+    """How grades become metrics: NDCG's gain and the relevance thresholds of MRR and Recall@10.
+
+    ``top`` is the scale's top grade: ``max_grade`` when declared, else the largest grade judged.
+    """
+
+    gain: str
+    top: float
+    declared: bool
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        return relevance_thresholds(self.top)
+
+    def describe(self, grades: np.ndarray) -> dict[str, Any]:
+        """The ``results.json`` record of the scale, the gain and the thresholds."""
+        mrr_t, rec_t = self.thresholds
+        return {
+            "gain": {"name": self.gain, "formula": GAIN_FORMULAS[self.gain]},
+            "grades": {"min": float(grades.min()), "max": float(grades.max()), "top": self.top,
+                       "top_from": "max_grade" if self.declared else "largest grade judged",
+                       "decimal": bool((grades != np.round(grades)).any())},
+            "relevance": {
+                NDCG10: "queries with at least one grade > 0",
+                MRR: f"reciprocal rank of the first item with grade >= {mrr_t:g} (the top grade)",
+                RECALL10: f"share of items with grade >= {rec_t:g} ({RECALL_FRACTION:g} x the top grade) "
+                          f"ranked in the top 10",
+            },
+        }
+
+
+def judged_sessions(catalog: Catalog, judgments: list[Judgment], source: str, bm25: BM25Ranker) -> SessionLog:
+    """One session per judged query; candidates in BM25 order (ties share a rank); grades from the judgments."""
+    by_query: dict[str, dict[int, float]] = defaultdict(dict)
     for n, (query, item_id, grade) in enumerate(judgments, start=1):
         try:
             row = catalog.row(item_id)
         except KeyError:
             raise JudgmentsError(f"{source}: judgment {n} (query {query!r}) names item_id {item_id!r}, "
                                  f"which is not in the catalog {catalog.source}") from None
-        by_query[query][row] = max(grade, by_query[query].get(row, 0))
+        by_query[query][row] = max(grade, by_query[query].get(row, 0.0))
     queries = sorted(by_query)
     offsets = [0]
     items, grades, ranks, scores = [], [], [], []
@@ -49,8 +116,9 @@ def judged_sessions(catalog: Catalog, judgments: list[tuple[str, str, int]], sou
         order = np.argsort(-s, kind="stable")
         rows, s = rows[order], s[order]
         items.append(rows)
-        grades.append(np.array([by_query[q][r] for r in rows], np.uint8))
-        ranks.append(np.arange(len(rows), dtype=np.int16))
+        grades.append(np.array([by_query[q][r] for r in rows], np.float32))
+        # competition ranking: an item's rank is the number of items BM25 scores strictly higher
+        ranks.append(np.searchsorted(-s, -s, side="left").astype(np.int16))
         scores.append(s.astype(np.float32))
         offsets.append(offsets[-1] + len(rows))
     n, m = len(queries), offsets[-1]
@@ -64,8 +132,54 @@ def judged_sessions(catalog: Catalog, judgments: list[tuple[str, str, int]], sou
         offsets=np.array(offsets, np.int64), items=cat(items, np.int32),
         clicks=np.zeros(m, np.uint8), purchases=np.zeros(m, np.uint8),
         prod_rank=cat(ranks, np.int16), retrieval_score=cat(scores, np.float32),
-        grades=cat(grades, np.uint8), utility=np.zeros(m, np.float32), queries=queries,
+        grades=cat(grades, np.float32), utility=np.zeros(m, np.float32), queries=queries,
     )
+
+
+def judged_metrics(scores: np.ndarray, slates: Slates, scale: GradeScale) -> dict[str, np.ndarray]:
+    """Per-query NDCG@10, MRR and Recall@10 of ``scores`` [N, S] on the slates' grades (NaN: undefined)."""
+    grades = slates.grades.numpy().astype(np.float64)
+    mask = slates.valid.numpy()
+    scores = np.where(mask, scores, -1e9)
+    mrr_t, rec_t = scale.thresholds
+    return {
+        NDCG10: ndcg_at_k(scores, grades, mask, k=10, gain=scale.gain),
+        MRR: mrr(scores, grades, mask, threshold=mrr_t),
+        RECALL10: recall_at_k(scores, grades, mask, k=10, threshold=rec_t),
+    }
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf; NumPy's too) replaced by None, NumPy scalars made Python's."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def results_bytes(payload: dict[str, Any]) -> bytes:
+    """Strict JSON (``allow_nan=False``: NaN becomes ``null``, never the non-standard ``NaN``)."""
+    return json.dumps(json_ready(payload), indent=2, allow_nan=False).encode()
+
+
+def _load_judgments(
+    catalog: Catalog, judgments_path: str | Path, skip_bad: bool, label_map: LabelMap, max_grade: float | None,
+) -> tuple[list[Judgment], dict[str, int]]:
+    try:  # with the catalog, an unknown item_id is a bad row: named by line (or skipped with skip_bad)
+        judgments, report = load_judgments_with_report(judgments_path, skip_bad=skip_bad, catalog=catalog,
+                                                       label_map=label_map, max_grade=max_grade)
+    except CatalogError as e:
+        if e.field in ITEM_ID_ALIASES and e.reason.startswith("unknown item_id"):
+            raise JudgmentsError(str(e)) from None
+        raise
+    if not judgments:
+        raise JudgmentsError(f"{judgments_path}: no judgments")
+    return judgments, report.labels
 
 
 def evaluate_judgments(
@@ -75,37 +189,71 @@ def evaluate_judgments(
     out_dir: str | Path,
     skip_bad: bool = False,
     progress: bool = True,
+    gain: str = "exp2",
+    label_map: LabelMap | None = None,
+    max_grade: float | None = None,
+    checkpoints: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Score BM25, cosine and every head; write ``out_dir/results.json`` keyed by ranker name."""
+    """Score BM25, cosine and every head; write ``out_dir/results.json`` and return what it holds.
+
+    Parameters
+    ----------
+    catalog_path, judgments_path : str or Path
+        The catalog (any layout :func:`shared_model.catalog_io.load_catalog` reads) and its judgments.
+    heads : dict[str, FusedRankingHead]
+        Trained heads by ranker name (unique, not ``bm25``/``cosine``).
+    out_dir : str or Path
+        Where ``results.json`` goes (written atomically).
+    skip_bad : bool
+        Skip and count malformed catalog/judgment rows.
+    gain : {"exp2", "linear"}
+        NDCG's gain: ``2**grade - 1`` or ``grade``.
+    label_map : LabelMap, optional
+        Text label -> grade (default: ESCI's E=3, S=2, C=1, I=0).
+    max_grade : float, optional
+        The scale's top grade (grades above it are errors); default: the largest grade judged.
+    checkpoints : mapping of str to str, optional
+        Ranker name -> checkpoint path, reported in ``results.json``.
+    """
+    if gain not in GAINS:
+        raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
+    clash = sorted(set(heads) & set(BASELINE_RANKERS))
+    if clash:
+        raise ValueError(f"head name {clash[0]!r} is a baseline's name; rename its checkpoint")
     out_dir = Path(out_dir)
+    labels = label_map or DEFAULT_LABEL_MAP
     catalog = load_catalog(catalog_path, skip_bad=skip_bad)
-    try:  # with the catalog, an unknown item_id is a bad row: named by line (or skipped with skip_bad)
-        judgments = load_judgments(judgments_path, skip_bad=skip_bad, catalog=catalog)
-    except CatalogError as e:
-        if e.field == "item_id" and e.reason.startswith("unknown item_id"):
-            raise JudgmentsError(str(e)) from None
-        raise
-    if not judgments:
-        raise JudgmentsError(f"{judgments_path}: no judgments")
+    judgments, labels_seen = _load_judgments(catalog, judgments_path, skip_bad, labels, max_grade)
     bm25 = BM25Ranker([it.text() for it in catalog.items])
     sessions = judged_sessions(catalog, judgments, str(judgments_path), bm25)
+    scale = GradeScale(gain, float(max_grade) if max_grade is not None else float(sessions.grades.max()),
+                       max_grade is not None)
     cache = feature_cache_dir(catalog_path)
     store = build_feature_store(catalog, cache, progress=progress)
     query_emb = encode_queries(sessions.queries, cache, progress=progress)
     prices = np.array([it.price for it in catalog.items], np.float64)
     slates = build_slates(sessions, query_emb, prices)
     items = slates.items.numpy()
-    rankers: dict[str, dict[str, float]] = {
-        "bm25": ranking_metrics(bm25.score(sessions.queries, items), slates),
-        "cosine": ranking_metrics(CosineRanker(store.text).score(query_emb, items), slates),
+    per_query = {
+        "bm25": judged_metrics(bm25.score(sessions.queries, items), slates, scale),
+        "cosine": judged_metrics(CosineRanker(store.text).score(query_emb, items), slates, scale),
     }
     table = ItemTable.from_store(store)
     for name, model in heads.items():
-        rankers[name] = ranking_metrics(score_slates(model, slates, table), slates)
+        per_query[name] = judged_metrics(score_slates(model, slates, table), slates, scale)
+    counted = count_defined(per_query["bm25"])  # depends on the grades only: the same for every ranker
     payload = {
         "catalog": str(catalog_path), "judgments": str(judgments_path),
         "num_queries": len(sessions), "num_judgments": len(judgments),
-        "items_with_image": int(store.mask[:, 1].sum()), "rankers": rankers,
+        "items_with_image": int(store.mask[:, 1].sum()),
+        **scale.describe(sessions.grades),
+        "label_map": {**labels.to_json(), "labels_seen": labels_seen},
+        "queries_counted": counted,
+        "queries_excluded": {k: len(sessions) - v for k, v in counted.items()},
+        "checkpoints": dict(checkpoints) if checkpoints is not None else dict.fromkeys(heads),
+        "rankers": {name: summarize(v) for name, v in per_query.items()},
     }
-    atomic_write(out_dir / "results.json", lambda f: f.write(json.dumps(payload, indent=2).encode()))
-    return payload
+    ready: dict[str, Any] = json_ready(payload)
+    data = results_bytes(ready)
+    atomic_write(out_dir / "results.json", lambda f: f.write(data))
+    return ready

@@ -3,6 +3,7 @@ scenarios, judgments and damaged copies of an exported bundle."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections.abc import Callable
@@ -13,6 +14,7 @@ import numpy as np
 
 from client.runtime import Reranker
 from client.runtime_bundle import read_manifest
+from export.cli import read_id_file
 from shared_model.catalog_io import save_catalog_jsonl
 from shared_model.config import parse_run_config
 from shared_model.schema import Catalog, CatalogItem, SessionLog
@@ -128,12 +130,64 @@ def _head_file(b: Path) -> str:
     return str(_manifest(b)["components"]["head"]["files"]["onnx"])
 
 
-def _edit_manifest(tmp: Path, edit: Callable[[dict[str, Any]], None]) -> Callable[[], object]:
+def _reseal(b: Path, man: dict[str, Any]) -> None:
+    """Write ``man`` as the bundle's manifest with a matching ``manifest.sha256`` (``sha256sum`` format): what an
+    exporter that wrote this manifest would leave behind."""
+    data = json.dumps(man, indent=1).encode("utf-8")
+    (b / "manifest.json").write_bytes(data)
+    (b / "manifest.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  manifest.json\n", encoding="utf-8")
+
+
+def _edit_manifest(tmp: Path, edit: Callable[[dict[str, Any]], None], reseal: bool = True) -> Callable[[], object]:
+    """A bundle whose manifest was edited: re-sealed (a badly written manifest) unless ``reseal=False`` (tampered)."""
     b = _bundle_copy(tmp)
     man = _manifest(b)
     edit(man)
-    (b / "manifest.json").write_text(json.dumps(man))
+    if reseal:
+        _reseal(b, man)
+    else:
+        (b / "manifest.json").write_text(json.dumps(man, indent=1))
     return lambda: Reranker.load(b, backend="onnx")
+
+
+def _swap_item_ids(man: dict[str, Any]) -> None:
+    ids = man["catalog"]["item_ids"]
+    ids[0], ids[1] = ids[1], ids[0]
+
+
+def _duplicate_item_id(man: dict[str, Any]) -> None:
+    ids = man["catalog"]["item_ids"]
+    ids[1] = ids[0]
+
+
+def _manifest_digest(tmp: Path, text: str | None, version: int | None = None) -> Callable[[], object]:
+    """A bundle whose ``manifest.sha256`` holds ``text`` (``{sha}`` is the manifest's digest), or none at all
+    (``None``); ``version`` rewrites ``format_version`` first (an older bundle)."""
+    b = _bundle_copy(tmp)
+    if version is not None:
+        man = _manifest(b)
+        man["format_version"] = version
+        (b / "manifest.json").write_text(json.dumps(man, indent=1))
+    digest = b / "manifest.sha256"
+    digest.unlink(missing_ok=True)
+    if text is not None:
+        digest.write_text(text.format(sha=hashlib.sha256((b / "manifest.json").read_bytes()).hexdigest()))
+    return lambda: Reranker.load(b, backend="onnx")
+
+
+def _bundle_with_ids(tmp: Path, renames: dict[str, str]) -> Path:
+    """A sealed bundle copy whose catalog items are renamed (``old id -> new id``), e.g. to ids that hold spaces."""
+    b = _bundle_copy(tmp)
+    man = _manifest(b)
+    man["catalog"]["item_ids"] = [renames.get(i, i) for i in man["catalog"]["item_ids"]]
+    _reseal(b, man)
+    return b
+
+
+def _id_file(tmp: Path, content: str | bytes, flag: str = "--candidates", scores: bool = True,
+             name: str = "c.txt") -> Callable[[], object]:
+    path = _write(tmp / name, content)
+    return lambda: read_id_file(path, flag, scores=scores)
 
 
 def _bundle_missing_file(tmp: Path) -> Callable[[], object]:

@@ -21,11 +21,11 @@ import pytest
 import torch
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.runtime import Reranker
+from client.runtime import Reranker, RerankInputError
 from client.runtime_bundle import BundleError, read_manifest
 from export.errors import ExportError
 from fedrank.cli import main
-from shared_model.catalog_io import CatalogError, load_catalog, load_judgments
+from shared_model.catalog_io import CatalogError, load_catalog, load_judgments, parse_label_map
 from shared_model.checkpoint import CheckpointError, load_checkpoint
 from shared_model.config import ConfigError, load_defaults, merge_overrides, parse_run_config
 from shared_model.schema import SessionLog, SessionLogError
@@ -41,18 +41,23 @@ from tests.bad_inputs import (
     _bundle_corrupt_file,
     _bundle_garbage_catalog,
     _bundle_missing_file,
+    _bundle_with_ids,
     _csv,
     _data_dir,
+    _duplicate_item_id,
     _edit_manifest,
     _evaluate,
     _head_file,
+    _id_file,
     _jsonl,
     _log_file,
+    _manifest_digest,
     _manifest_text,
     _replace,
     _scenario,
     _scenario_config,
     _set,
+    _swap_item_ids,
     _write,
 )
 
@@ -139,12 +144,17 @@ CASES = [
     Case("judgments-missing-grade-column", lambda t: lambda: load_judgments(
         _write(t / "j.csv", "query,item_id\nq,a1\n")),
          CatalogError, ("j.csv:1", "field 'grade'", "required column missing")),
-    Case("judgments-grade-not-an-integer", lambda t: lambda: load_judgments(
+    Case("judgments-grade-not-a-number", lambda t: lambda: load_judgments(
         _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,high"]))),
-         CatalogError, ("j.csv:5", "field 'grade'", "not an integer grade: 'high'")),
-    Case("judgments-grade-out-of-range", lambda t: lambda: load_judgments(
-        _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,9"]))),
-         CatalogError, ("j.csv:5", "field 'grade'", "grade 9 outside 0..4")),
+         CatalogError, ("j.csv:5", "field 'grade'", "not a grade: 'high'", "label map")),
+    Case("judgments-grade-negative", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,-1"]))),
+         CatalogError, ("j.csv:5", "field 'grade'", "negative grade -1")),
+    Case("judgments-grade-above-max-grade", lambda t: lambda: load_judgments(
+        _write(t / "j.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,9"])), max_grade=6),
+         CatalogError, ("j.csv:5", "field 'grade'", "grade 9 outside 0..6")),
+    Case("judgments-bad-label-map", lambda t: lambda: parse_label_map("E=3,S=high"),
+         CatalogError, ("--label-map E=3,S=high", "field 'S'", "grade must be a number")),
     Case("judgments-conflicting-grades", lambda t: lambda: load_judgments(
         _write(t / "j.csv", "\n".join([*JUDGMENTS, "red t-shirt,a1,0"]))),
          CatalogError, ("j.csv:5", "field 'grade'", "conflicting grade", "line 2")),
@@ -217,6 +227,25 @@ CASES = [
     Case("bundle-file-corrupt", _bundle_corrupt_file, BundleError, ("head.", ".onnx: sha256 mismatch")),
     Case("bundle-catalog-garbage-unverified", _bundle_garbage_catalog, BundleError,
          ("catalog.npz", "cannot read the catalog")),
+    Case("bundle-manifest-item-ids-swapped", lambda t: _edit_manifest(t, _swap_item_ids, reseal=False),
+         BundleError, ("manifest.json", "sha256 mismatch", "manifest.sha256")),
+    Case("bundle-manifest-digest-truncated", lambda t: _manifest_digest(t, "{sha:.32}  manifest.json\n"),
+         BundleError, ("manifest.sha256", "64 hex digits")),
+    Case("bundle-manifest-digest-missing", lambda t: _manifest_digest(t, None),
+         BundleError, ("manifest.sha256", "missing from the bundle", "re-export")),
+    Case("bundle-written-by-format-1", lambda t: _manifest_digest(t, None, version=1),
+         BundleError, ("manifest.json", "version 1 is not supported", "re-export")),
+    Case("bundle-manifest-duplicate-item-id", lambda t: _edit_manifest(t, _duplicate_item_id),
+         BundleError, ("manifest.json", "catalog.item_ids", "duplicate")),
+    # id files (fedrank rerank --candidates / --recent) -------------------------------------------------------
+    Case("id-file-score-not-a-number", lambda t: _id_file(t, "i1\t0.5\ni2\tabc\n"),
+         RerankInputError, ("--candidates", "c.txt:2", "field 'score'", "not a number: 'abc'")),
+    Case("id-file-score-on-some-lines-only", lambda t: _id_file(t, "i1\t0.5\ni2\n"),
+         RerankInputError, ("c.txt:2", "field 'score'", "line 1")),
+    Case("id-file-recent-with-a-tab", lambda t: _id_file(t, "i1\ni2\t0.5\n", "--recent", False, "r.txt"),
+         RerankInputError, ("--recent", "r.txt:2", "field 'item_id'", "holds a TAB")),
+    Case("id-file-not-utf8", lambda t: _id_file(t, b"i1\ncaf\xe9\n"),
+         RerankInputError, ("--candidates", "c.txt", "UTF-8")),
 ]
 
 
@@ -303,7 +332,7 @@ def _cli_train(t: Path) -> tuple[list[str], list[Path], list[Path]]:
 
 def _cli_evaluate(t: Path) -> tuple[list[str], list[Path], list[Path]]:
     cat = _csv(t, ROWS)
-    judg = _write(t / "judgments.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,9"]) + "\n")
+    judg = _write(t / "judgments.csv", "\n".join([*JUDGMENTS, "coffee mug,a1,-1"]) + "\n")
     res = _write(t / "eval" / "results.json", '{"rankers": {}}')
     return (["evaluate", "--catalog", str(cat), "--judgments", str(judg), "--out", str(t / "eval")],
             [t / "eval" / "cache"], [res])
@@ -342,6 +371,21 @@ def _cli_rerank_candidates(t: Path) -> tuple[list[str], list[Path], list[Path]]:
     return ["rerank", "--bundle", str(t), "--query", "q", "--candidates", str(t / "nope.txt")], [], []
 
 
+def _cli_rerank_bad_score(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    b = _bundle_copy(t)
+    cands = _write(t / "c.txt", "i1\t0.5\ni2\tabc\n")
+    return ["rerank", "--bundle", str(b), "--query", "red shirt", "--candidates", str(cands)], [], [cands]
+
+
+def _cli_rerank_tampered_manifest(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    b = _bundle_copy(t)
+    man = json.loads((b / "manifest.json").read_text())
+    _swap_item_ids(man)
+    (b / "manifest.json").write_text(json.dumps(man, indent=1))
+    cands = _write(t / "c.txt", "i1\ni2\n")
+    return ["rerank", "--bundle", str(b), "--query", "red shirt", "--candidates", str(cands)], [], []
+
+
 CLI_CASES = [
     CliCase("generate-bad-catalog", _cli_generate, ("catalog.csv:3", "field 'price'")),
     CliCase("train-truncated-log", _cli_train, ("sessions.npz", "not a readable .npz")),
@@ -357,6 +401,8 @@ CLI_CASES = [
     CliCase("export-garbage-checkpoint", _cli_export, ("head.pt", "cannot read checkpoint")),
     CliCase("rerank-bundle-missing-file", _cli_rerank, ("head.", "missing from the bundle")),
     CliCase("rerank-no-candidates-file", _cli_rerank_candidates, ("--candidates", "nope.txt")),
+    CliCase("rerank-candidates-bad-score", _cli_rerank_bad_score, ("--candidates", "c.txt:2", "not a number")),
+    CliCase("rerank-manifest-item-ids-swapped", _cli_rerank_tampered_manifest, ("manifest.json", "sha256 mismatch")),
 ]
 
 
@@ -376,6 +422,59 @@ def test_cli_prints_one_line_and_exits_2(case: CliCase, tmp_path: Path, capsys: 
     assert not [p for p in absent if p.exists()], "a failing command left output behind"
     assert {p: p.read_bytes() for p in intact} == before, "a failing command changed an existing file"
     assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+
+
+# ids are data, not words: BOM, CRLF, spaces inside ids, blank lines, duplicates (first occurrence wins)
+SPACED = {"i0": "red shoe 1", "i1": "blue  hat"}
+
+
+@pytest.mark.parametrize("skip_unknown", [False, True], ids=["strict", "skip-unknown"])
+@pytest.mark.parametrize("with_scores", [False, True], ids=["ids", "ids-and-scores"])
+def test_cli_rerank_reads_id_files_as_data(tmp_path: Path, capsys: pytest.CaptureFixture[str], skip_unknown: bool,
+                                           with_scores: bool) -> None:
+    # Prepare: a BOM, CRLF line ends, ids holding spaces, padding, blank lines and two duplicates
+    b = _bundle_with_ids(tmp_path, SPACED)
+    col = ["\t0.9", "\t0.5", "\t0.1", "\t0.2", "\t0.3"] if with_scores else [""] * 5
+    lines = [f"red shoe 1{col[0]}", f"  i2 {col[1]}", "", f"blue  hat{col[2]}", "   ", f"i2{col[3]}",
+             f"red shoe 1{col[4]}"]
+    cands = _write(tmp_path / "c.txt", b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    recent = _write(tmp_path / "r.txt", b"\xef\xbb\xbfblue  hat\nred shoe 1\nblue  hat\n")
+    argv = ["rerank", "--bundle", str(b), "--query", "red shoes", "--candidates", str(cands), "--recent",
+            str(recent), "--json", *(["--skip-unknown"] if skip_unknown else [])]
+    # Execute
+    rc = main(argv)
+    # Assert: each id printed once, none dropped, each duplicate named with its line on stderr
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    printed = [r["item_id"] for r in json.loads(out)]
+    assert sorted(printed) == sorted(["red shoe 1", "i2", "blue  hat"]), printed
+    assert f"{cands}:6: duplicate id 'i2' (first on line 2)" in err, err
+    assert f"{cands}:7: duplicate id 'red shoe 1' (first on line 1)" in err, err
+    assert f"{recent}:3: duplicate id 'blue  hat' (first on line 1)" in err, err
+
+
+def test_cli_rerank_space_holding_ids_match_a_python_call(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                           ) -> None:
+    # Prepare
+    b = _bundle_with_ids(tmp_path, SPACED)
+    cands = _write(tmp_path / "c.txt", "red shoe 1\t1.5\ni2\t0.5\nblue  hat\t-1\n")
+    want = Reranker.load(b).rerank("red shoes", ["red shoe 1", "i2", "blue  hat"], retrieval_scores=[1.5, 0.5, -1])
+    # Execute
+    rc = main(["rerank", "--bundle", str(b), "--query", "red shoes", "--candidates", str(cands), "--json"])
+    # Assert: the scores column reached the head with the right ids
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [(r["item_id"], r["score"]) for r in json.loads(out)] == [(i, pytest.approx(s)) for i, s in want]
+
+
+def test_cli_rerank_table_prints_ids_verbatim(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: an id that rich would read as markup
+    b = _bundle_with_ids(tmp_path, {"i0": "[red]shoe[/red] 1"})
+    cands = _write(tmp_path / "c.txt", "[red]shoe[/red] 1\ni2\n")
+    # Execute
+    rc = main(["rerank", "--bundle", str(b), "--query", "red shoes", "--candidates", str(cands)])
+    # Assert
+    assert rc == 0 and "[red]shoe[/red] 1" in capsys.readouterr().out
 
 
 def test_fedrank_process_exits_2_without_a_traceback(tmp_path: Path) -> None:

@@ -194,13 +194,14 @@ def test_judgments_formats(tmp_path: Path) -> None:
     assert load_judgments(csv_path) == [("red tee", "a1", 3), ("mug, blue", "a2", 0)]
     tsv_path = _write(tmp_path / "j.tsv", ["Query\titem_id\trelevance", "red tee\ta1\t4"])
     assert load_judgments(tsv_path) == [("red tee", "a1", 4)]
-    jl = _jsonl(tmp_path / "j.jsonl", [{"query": "red tee", "item_id": "a1", "grade": 2.0}])
-    assert load_judgments(jl) == [("red tee", "a1", 2)]
+    jl = _jsonl(tmp_path / "j.jsonl", [{"query": "red tee", "item_id": "a1", "grade": 2.0},
+                                       {"query": "red tee", "item_id": "a2", "grade": 2.5}])
+    assert load_judgments(jl) == [("red tee", "a1", 2), ("red tee", "a2", 2.5)]
 
 
 @pytest.mark.parametrize(
     ("row", "field"),
-    [("red tee,a1,x", "grade"), ("red tee,a1,5", "grade"), ("red tee,a1,2.5", "grade"), (",a1,1", "query"),
+    [("red tee,a1,x", "grade"), ("red tee,a1,-1", "grade"), ("red tee,a1,nan", "grade"), (",a1,1", "query"),
      ("red tee,,1", "item_id"), ("red tee,a1", "grade"), ("red tee,a2,1", "grade")],
 )
 def test_judgments_errors(tmp_path: Path, row: str, field: str) -> None:

@@ -17,6 +17,7 @@ from shared_model.metrics import (
     NDCG10,
     RECALL10,
     compute_metrics,
+    count_defined,
     kendall_tau,
     mean_ndcg,
     mrr,
@@ -273,3 +274,28 @@ def test_shape_errors() -> None:
         ndcg_at_k(np.zeros((2, 3)), np.zeros((2, 4)), None)
     with pytest.raises(ValueError):
         recall_at_k(np.zeros((2, 3)), np.zeros((2, 3)), np.ones((3, 3), dtype=bool))
+
+
+@pytest.mark.parametrize("gain", ["exp2", "linear"])
+def test_ndcg_decimal_grades_match_sklearn(gain: str) -> None:
+    # Prepare: averaged annotator grades on 0..3 and on 0..6, with ties in the scores
+    rng = np.random.default_rng(7)
+    for top in (3, 6):
+        g = np.round(rng.integers(0, 3 * top + 1, size=(30, 9)) / 3.0, 2)
+        g[:, 0] = np.maximum(g[:, 0], 0.33)
+        s = rng.integers(0, 5, size=g.shape).astype(np.float64)
+        # Execute
+        ours = ndcg_at_k(s, g, k=5, gain=gain)
+        # Assert: sklearn uses y_true as the gain
+        gains = np.exp2(g) - 1.0 if gain == "exp2" else g
+        expected = [ndcg_score(gains[i : i + 1], s[i : i + 1], k=5) for i in range(len(g))]
+        np.testing.assert_allclose(ours, expected, rtol=1e-12)
+
+
+def test_compute_metrics_gain_and_count_defined() -> None:
+    s = np.array([[0.9, 0.1, 0.5], [0.3, 0.2, 0.1]])
+    g = np.array([[1.5, 3.0, 0.0], [0.0, 0.0, 0.0]])
+    per_list = compute_metrics(s, g, mrr_threshold=3, recall_threshold=1.5, gain="linear")
+    np.testing.assert_allclose(per_list[NDCG10][:1], ndcg_score(g[:1], s[:1], k=10))
+    assert count_defined(per_list) == {NDCG10: 1, MRR: 1, RECALL10: 1}
+    assert np.isnan(per_list[NDCG10][1])
