@@ -42,9 +42,9 @@ from shared_model.catalog_rows import (
     CatalogError,
     LoadReport,
     RowError,
-    SkippedRow,
     as_number,
     as_text,
+    collect_items,
     header_names,
     iter_rows,
 )
@@ -138,30 +138,8 @@ def load_fashion_styles_with_report(
             raise CatalogError(p, 1, required, f"required column missing from header (found {sorted(names)})")
     images = p.resolve().parent / "images"
     image_names = _image_names(images)
-    report = LoadReport(path=str(p))
-    items: list[CatalogItem] = []
-    first_line: dict[str, int] = {}
-    for line, raw in iter_rows(p, "csv", absorb_extra=_TITLE):
-        report.rows += 1
-        try:
-            if isinstance(raw, RowError):
-                raise raw
-            item = _style_item(raw, images, image_names)
-            if item.item_id in first_line:
-                raise RowError(_ID, f"duplicate id {item.item_id!r} (first seen on line {first_line[item.item_id]})")
-        except RowError as e:
-            if not skip_bad:
-                raise CatalogError(p, line, e.field, e.reason) from None
-            report.skipped.append(SkippedRow(line, e.field, e.reason))
-            continue
-        first_line[item.item_id] = line
-        items.append(item)
-    report.loaded = len(items)
-    if not items:
-        raise CatalogError(p, None, "(file)", f"no valid product rows ({report.num_skipped} skipped)")
-    if report.skipped:
-        log.warning("%s", report.summary())
-    return Catalog(items=items, source=str(p)), report
+    rows = iter_rows(p, "csv", absorb_extra=_TITLE)
+    return collect_items(p, rows, lambda raw: _style_item(raw, images, image_names), skip_bad, id_field=_ID)
 
 
 def load_fashion_styles(path: str | os.PathLike[str], skip_bad: bool = False) -> Catalog:

@@ -74,6 +74,7 @@ from shared_model.catalog_rows import (
     as_number,
     as_text,
     check_header,
+    collect_items,
     file_kind,
     header_names,
     iter_rows,
@@ -196,32 +197,7 @@ def load_catalog_with_report(path: str | os.PathLike[str], skip_bad: bool = Fals
         return load_fashion_styles_with_report(p, skip_bad=skip_bad)
     check_header(p, kind, _REQUIRED)
     base = p.resolve().parent
-    report = LoadReport(path=str(p))
-    items: list[CatalogItem] = []
-    first_line: dict[str, int] = {}
-    for line, raw in iter_rows(p, kind):
-        report.rows += 1
-        try:
-            if isinstance(raw, RowError):
-                raise raw
-            item = _parse_item(raw, kind, base)
-            if item.item_id in first_line:
-                raise RowError(
-                    "item_id", f"duplicate item_id {item.item_id!r} (first seen on line {first_line[item.item_id]})"
-                )
-        except RowError as e:
-            if not skip_bad:
-                raise CatalogError(p, line, e.field, e.reason) from None
-            report.skipped.append(SkippedRow(line, e.field, e.reason))
-            continue
-        first_line[item.item_id] = line
-        items.append(item)
-    report.loaded = len(items)
-    if not items:
-        raise CatalogError(p, None, "(file)", f"no valid product rows ({report.num_skipped} skipped)")
-    if report.skipped:
-        log.warning("%s", report.summary())
-    return Catalog(items=items, source=str(p)), report
+    return collect_items(p, iter_rows(p, kind), lambda raw: _parse_item(raw, kind, base), skip_bad)
 
 
 def load_catalog(path: str | os.PathLike[str], skip_bad: bool = False) -> Catalog:

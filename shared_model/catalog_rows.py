@@ -10,14 +10,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shared_model.schema import CORE_FIELDS
+from shared_model.schema import CORE_FIELDS, Catalog, CatalogItem
 
 __all__ = [
     "CSV_EXT",
@@ -258,3 +259,40 @@ def as_number(value: Any, name: str, minimum: float | None = None) -> float:
     if minimum is not None and x < minimum:
         raise RowError(name, f"must be >= {minimum:g}, got {x:g}")
     return x
+
+
+def collect_items(
+    path: Path,
+    rows: Iterable[tuple[int, dict[str, Any] | RowError]],
+    parse: Callable[[dict[str, Any]], CatalogItem],
+    skip_bad: bool,
+    id_field: str = "item_id",
+) -> tuple[Catalog, LoadReport]:
+    """The catalog of ``rows`` (from :func:`iter_rows`), each parsed by ``parse``. A malformed row or a duplicate
+    id raises :class:`CatalogError` naming the line and field, or is skipped and listed in the report with
+    ``skip_bad``; a file without one valid row is an error."""
+    report = LoadReport(path=str(path))
+    items: list[CatalogItem] = []
+    first_line: dict[str, int] = {}
+    for line, raw in rows:
+        report.rows += 1
+        try:
+            if isinstance(raw, RowError):
+                raise raw
+            item = parse(raw)
+            if item.item_id in first_line:
+                raise RowError(id_field, f"duplicate {id_field} {item.item_id!r} "
+                                         f"(first seen on line {first_line[item.item_id]})")
+        except RowError as e:
+            if not skip_bad:
+                raise CatalogError(path, line, e.field, e.reason) from None
+            report.skipped.append(SkippedRow(line, e.field, e.reason))
+            continue
+        first_line[item.item_id] = line
+        items.append(item)
+    report.loaded = len(items)
+    if not items:
+        raise CatalogError(path, None, "(file)", f"no valid product rows ({report.num_skipped} skipped)")
+    if report.skipped:
+        logging.getLogger("shared_model.catalog_io").warning("%s", report.summary())
+    return Catalog(items=items, source=str(path)), report
