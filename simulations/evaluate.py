@@ -44,10 +44,8 @@ from shared_model.metrics import (
     NDCG10,
     RECALL10,
     RECALL_FRACTION,
+    compute_metrics,
     count_defined,
-    mrr,
-    ndcg_at_k,
-    recall_at_k,
     relevance_thresholds,
     summarize,
 )
@@ -142,11 +140,7 @@ def judged_metrics(scores: np.ndarray, slates: Slates, scale: GradeScale) -> dic
     mask = slates.valid.numpy()
     scores = np.where(mask, scores, -1e9)
     mrr_t, rec_t = scale.thresholds
-    return {
-        NDCG10: ndcg_at_k(scores, grades, mask, k=10, gain=scale.gain),
-        MRR: mrr(scores, grades, mask, threshold=mrr_t),
-        RECALL10: recall_at_k(scores, grades, mask, k=10, threshold=rec_t),
-    }
+    return compute_metrics(scores, grades, mask, k=10, mrr_threshold=mrr_t, recall_threshold=rec_t, gain=scale.gain)
 
 
 def json_ready(obj: Any) -> Any:
@@ -254,6 +248,6 @@ def evaluate_judgments(
         "rankers": {name: summarize(v) for name, v in per_query.items()},
     }
     ready: dict[str, Any] = json_ready(payload)
-    data = results_bytes(ready)
+    data = json.dumps(ready, indent=2, allow_nan=False).encode()  # already free of NaN: see results_bytes
     atomic_write(out_dir / "results.json", lambda f: f.write(data))
     return ready
