@@ -51,6 +51,14 @@ class Prepared:
         idx = {"train": self.train_idx, "test": self.test_idx}[which]
         return build_slates(self.log, self.query_emb, self.prices, sessions=idx)
 
+    def fit_validation_slates(self, val_frac: float) -> tuple[Slates, Slates]:
+        """The training sessions split for early stopping: the last ``val_frac`` of each shopper's training
+        sessions are validation slates, the rest are fitted on (every centralized ranker uses this split)."""
+        fit_idx, val_idx = split_by_time(self.log.subset(self.train_idx), val_frac)
+        fit = build_slates(self.log, self.query_emb, self.prices, sessions=self.train_idx[fit_idx])
+        val = build_slates(self.log, self.query_emb, self.prices, sessions=self.train_idx[val_idx])
+        return fit, val
+
     def propensity_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.propensities.astype(np.float32))
 

@@ -13,7 +13,7 @@ import torch
 
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
-from shared_model.data import Slates, build_slates, split_by_time
+from shared_model.data import Slates
 from shared_model.head import FusedRankingHead, build_head, count_parameters
 from shared_model.prepared import Prepared
 from shared_model.schema import atomic_write
@@ -43,9 +43,7 @@ def train_central(
     """
     torch.manual_seed(seed)
     model = build_head(model_cfg, seed=seed)
-    fit_idx, val_idx = split_by_time(prep.log.subset(prep.train_idx), VAL_FRAC)
-    fit = build_slates(prep.log, prep.query_emb, prep.prices, sessions=prep.train_idx[fit_idx])
-    val = build_slates(prep.log, prep.query_emb, prep.prices, sessions=prep.train_idx[val_idx])
+    fit, val = prep.fit_validation_slates(VAL_FRAC)
     table = prep.table()
     props = prep.propensity_tensor()
     t0 = time.perf_counter()
@@ -86,14 +84,16 @@ def evaluate_all(
     prep: Prepared,
     heads: dict[str, FusedRankingHead],
     test: Slates | None = None,
+    bm25: BM25Ranker | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Held-out sessions scored by every ranker against the true graded relevance."""
+    """Held-out sessions scored by every ranker against the true graded relevance (``bm25``: the catalog's BM25,
+    built if not given)."""
     test = test if test is not None else prep.slates("test")
     items = test.items.numpy()
-    queries = [prep.log.queries[prep.log.query[s]] for s in test.session_ids]
+    queries = slate_queries(prep.log, test)
     results: dict[str, dict[str, float]] = {}
     results["production order"] = ranking_metrics(-test.slate_dense[..., 0].numpy(), test)
-    bm25 = BM25Ranker([it.text() for it in prep.catalog.items])
+    bm25 = bm25 or BM25Ranker([it.text() for it in prep.catalog.items])
     results["bm25"] = ranking_metrics(bm25.score(queries, items), test)
     cos = CosineRanker(prep.store.text)
     results["cosine"] = ranking_metrics(cos.score(test.query.numpy(), items), test)
@@ -143,11 +143,11 @@ def run_baselines(
     queries = slate_queries(prep.log, test)
     for name, lcfg in ltr_variants(LtrConfig(ips_clip=train_cfg.ips_clip, seed=seed)).items():
         log.info("training %s", name)
-        ranker, info = fit_prepared(prep, lcfg, VAL_FRAC)
+        ranker, info = fit_prepared(prep, lcfg, VAL_FRAC, bm25)
         training[name] = info
         ranker.save(out_dir / _file_name(name, ".json"))
         ltr_rows[name] = ranking_metrics(ranker.score(test, queries, prep.store, bm25), test)
-    evaluated = evaluate_all(prep, heads, test)
+    evaluated = evaluate_all(prep, heads, test, bm25)
     results = {k: v for k, v in evaluated.items() if k not in heads}  # first-stage and unlearned rankers,
     results.update(ltr_rows)  # then LightGBM, then the heads
     results.update({k: v for k, v in evaluated.items() if k in heads})

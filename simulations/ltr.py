@@ -48,7 +48,7 @@ import lightgbm as lgb
 import numpy as np
 import torch
 
-from shared_model.data import Slates, build_slates, split_by_time
+from shared_model.data import Slates
 from shared_model.features import FeatureStore
 from shared_model.head_features import ITEM_DENSE_NAMES, SLATE_DENSE_NAMES, dense_features, user_context
 from shared_model.losses import ips_weights
@@ -381,13 +381,12 @@ class LambdaRankRanker:
 # ------------------------------------------------------------------------------------------- entry points
 
 
-def fit_prepared(prep: Prepared, config: LtrConfig, val_frac: float) -> tuple[LambdaRankRanker, dict[str, Any]]:
+def fit_prepared(prep: Prepared, config: LtrConfig, val_frac: float,
+                 bm25: BM25Ranker | None = None) -> tuple[LambdaRankRanker, dict[str, Any]]:
     """Fit on the prepared data's training sessions, the last ``val_frac`` of each shopper's held out for early
-    stopping (the split ``centralized.train_central`` makes)."""
-    fit_idx, val_idx = split_by_time(prep.log.subset(prep.train_idx), val_frac)
-    fit = build_slates(prep.log, prep.query_emb, prep.prices, sessions=prep.train_idx[fit_idx])
-    val = build_slates(prep.log, prep.query_emb, prep.prices, sessions=prep.train_idx[val_idx])
-    bm25 = BM25Ranker([it.text() for it in prep.catalog.items])
+    stopping (the split ``centralized.train_central`` makes). ``bm25``: the catalog's BM25, built if not given."""
+    fit, val = prep.fit_validation_slates(val_frac)
+    bm25 = bm25 or BM25Ranker([it.text() for it in prep.catalog.items])
     ranker = LambdaRankRanker(config)
     info = ranker.fit(fit, slate_queries(prep.log, fit), val, slate_queries(prep.log, val), prep.store, bm25,
                       prep.propensities)
