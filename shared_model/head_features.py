@@ -130,7 +130,7 @@ def user_context(text: np.ndarray, image: np.ndarray, has_image: np.ndarray, val
     return user_text, user_image, (n > 0).astype(np.float32)
 
 
-def dense_features(item_dense: np.ndarray, slate_dense: np.ndarray) -> np.ndarray:
+def head_dense(item_dense: np.ndarray, slate_dense: np.ndarray) -> np.ndarray:
     """``[..., S, DENSE_DIM]`` float32: the items' ``[..., S, ITEM_DENSE_DIM]`` catalog features, then the
     ``[..., S, SLATE_DENSE_DIM]`` :func:`slate_features`."""
     return np.concatenate([np.asarray(item_dense, np.float32), np.asarray(slate_dense, np.float32)], axis=-1)
@@ -155,13 +155,13 @@ def head_feeds(query: np.ndarray, item_text: np.ndarray, item_image: np.ndarray,
     mask = np.asarray(item_mask, dtype=np.float32)  # [B, S, 3]
     if valid is not None:
         mask = mask * np.asarray(valid, dtype=np.float32)[..., None]
-    values = (query, item_text, item_image, item_video, mask, dense_features(item_dense, slate_dense), *user)
+    values = (query, item_text, item_image, item_video, mask, head_dense(item_dense, slate_dense), *user)
     return {name: np.asarray(v, dtype=np.float32) for name, v in zip(HEAD_INPUTS, values, strict=True)}
 
 
 __all__ = [
     "DENSE_DIM", "HEAD_INPUTS", "HISTORY_LEN", "IMAGE_DIM", "IMAGE_SIZE", "ITEM_DENSE_DIM", "ITEM_DENSE_NAMES",
     "MAX_POSITIONS", "MODALITIES", "NUM_MODALITIES", "PIXEL_MEAN", "PIXEL_SCALE", "RANK_SCALE", "SLATE_DENSE_DIM",
-    "SLATE_DENSE_NAMES", "TEXT_DIM", "VIDEO_DIM", "Z_EPS", "dense_features", "head_feeds", "log_prices",
+    "SLATE_DENSE_NAMES", "TEXT_DIM", "VIDEO_DIM", "Z_EPS", "head_dense", "head_feeds", "log_prices",
     "recent_history", "slate_features", "user_context",
 ]

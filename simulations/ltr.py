@@ -50,7 +50,7 @@ import torch
 
 from shared_model.data import Slates
 from shared_model.features import FeatureStore
-from shared_model.head_features import ITEM_DENSE_NAMES, SLATE_DENSE_NAMES, dense_features, user_context
+from shared_model.head_features import ITEM_DENSE_NAMES, SLATE_DENSE_NAMES, head_dense, user_context
 from shared_model.losses import ips_weights
 from shared_model.prepared import Prepared
 from shared_model.schema import SessionLog, atomic_write
@@ -185,7 +185,7 @@ def candidate_features(slates: Slates, queries: Sequence[str], store: FeatureSto
     q = slates.query.numpy()  # [N, Dt]
     cos = _cosine(q, store.text, items)  # as CosineRanker, a block at a time
     bm = bm25.score(list(queries), items) if len(slates) else np.zeros(items.shape, np.float32)
-    dense = dense_features(store.dense[items], slates.slate_dense.numpy())  # [N, S, 7]
+    dense = head_dense(store.dense[items], slates.slate_dense.numpy())  # [N, S, 7]
     mask = store.mask[items].astype(np.float32)  # [N, S, 3]
     ui, uv = slates.user_items.numpy(), slates.user_valid.numpy()  # [N, H]
     u_text = np.zeros(q.shape, np.float32)  # [N, Dt]
