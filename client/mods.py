@@ -14,8 +14,10 @@ from client.secagg import make_secagg_mod
 
 
 def client_mods(overrides: Mapping[str, Any] | None = None) -> list[Mod]:
-    """Order matters: secure aggregation must see the final (clipped, noised) update, so it sits outside the
-    differential-privacy mods, which sit outside fault injection (a faulty device's update is what gets clipped)."""
+    """Order matters: secure aggregation must see the final (clipped, noised) update and the constant weight, so
+    it sits outside the differential-privacy mod, which sits outside fault injection (a faulty device's update is
+    what gets clipped). Under DP the privacy mod also drops the handler's metrics and refuses evaluate messages
+    (client/privacy.py): nothing but the clipped update and ``num-examples = 1`` reaches SecAgg+ or the server."""
     mods: list[Mod] = []
     mods.append(make_secagg_mod())  # outermost: SecAgg+ messages only (client/secagg.py)
     mods.append(make_privacy_mod(overrides))  # privacy.mode client-fixed / client-adaptive / local (client/privacy.py)

@@ -12,10 +12,9 @@ Modes (``privacy.mode``):
 
 What the wrappers need, and how this module provides it:
 - Noise is calibrated as ``std = z * C / num_sampled_clients`` on the *average*, which is a valid Gaussian
-  mechanism only if the average gives every client the same weight: DP runs average uniformly (the server sets
-  each accepted reply's ``num-examples`` to 1 before aggregation, :func:`before_aggregate`; a client-declared
-  weight could otherwise make one device's update dominate). The reported value is kept as
-  ``num-examples-reported``.
+  mechanism only if the average gives every client the same weight: DP runs average uniformly (devices declare
+  the constant weight 1, and the server sets each accepted reply's ``num-examples`` to 1 before aggregation,
+  :func:`before_aggregate`, so a declared weight can never make one device's update dominate).
 - ``num_sampled_clients`` is the fixed sample size Flower's sampler draws: ``max(int(N * fraction-train),
   min-train-clients)`` with ``N = partition.num-clients``.
 - Only strategies that aggregate by ``FedAvg.aggregate_train`` (FedAvg, FedProx) are allowed: the wrappers add
@@ -31,6 +30,24 @@ the sensitivity of the sum of clipped updates is 2C (hence z/2), and ``z_eff`` i
 multiplier (:func:`effective_noise_multipliers`: fewer replies than sampled, an adaptive clipping norm that moved
 between clipping and noising, and the noisy clipped-count of adaptive clipping all enter it). The common DP-FedAvg figure (Poisson sampling, add/remove-one; McMahan et al. 2018) is reported
 beside it for comparison: it assumes a sampler Flower does not use.
+
+Device metrics under DP (every mode but ``none``): the mechanisms above cover the model update only, so
+devices send no other value computed from their data (``client.privacy``): a train reply carries
+``num-examples = 1`` (a public constant; plus Flower's ``norm_bit`` under ``client-adaptive``, released by the
+wrapper with noise and counted through the clipped-count term of :func:`effective_noise_multipliers`), and
+evaluate messages are refused. :func:`wrap_strategy` turns federated evaluation off (``fraction_evaluate = 0``)
+and aggregates no train metrics; ``results.json`` says so (``privacy.device_metrics``). Central evaluation on
+the server's own held-out sessions is unaffected.
+
+Screening and clipping, in this order (:func:`dp_pipeline`, reported as ``privacy.order``): the device trains,
+clips to C (``client-*``; ``local`` also adds its noise) and sends; the server screens each reply (error,
+weight, finite values, keys, shapes, dtype, then the ``faults.max-update-norm`` bound on the update's L2
+norm), then the DP wrapper clips (``server-*``), averages uniformly and adds noise. A norm screen must not make
+a decision that depends on a device's data beyond what DP releases (the number of averaged updates is
+published), so :func:`check_privacy_settings` refuses a norm bound before the server's clip (``server-*``), one
+below an honest device's clipped norm (``client-fixed`` with a bound <= C), and one beside a clipping norm that
+moves (``client-adaptive``). Under ``client-fixed`` a bound above C only rejects a device that did not clip;
+under ``local`` the screen sees a noised, locally private update, so any bound is post-processing.
 """
 
 from __future__ import annotations
@@ -43,11 +60,13 @@ from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import Message, MetricRecord, RecordDict
 from flwr.serverapp import strategy as fs
 
+from client.privacy import DP_TRAIN_WEIGHT, analytic_gaussian_std, classic_gaussian_std
+from server.strategies import base_fedavg
 from shared_model.config import ConfigError, RunSettings
-from shared_model.records import METRICS, NUM_EXAMPLES
+from shared_model.records import METRICS, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +74,6 @@ CENTRAL_MODES = ("server-fixed", "server-adaptive", "client-fixed", "client-adap
 ADAPTIVE_MODES = ("server-adaptive", "client-adaptive")
 # base strategies whose aggregate_train is FedAvg's weighted average (what the wrappers' noise is calibrated to)
 DP_BASE_STRATEGIES = ("fedavg", "fedprox")
-REPORTED_WEIGHT = "num-examples-reported"
 ACCOUNTANT = "dp_accounting.rdp.RdpAccountant"
 
 
@@ -78,9 +96,7 @@ def check_privacy_settings(settings: RunSettings) -> None:
     if p.mode in CENTRAL_MODES and settings.strategy.name.lower() not in DP_BASE_STRATEGIES:
         raise ConfigError(f"privacy.mode={p.mode!r} needs strategy.name in {DP_BASE_STRATEGIES} (the DP noise is "
                           f"calibrated to a uniform average), got {settings.strategy.name!r}")
-    if p.mode in CENTRAL_MODES and settings.faults.max_update_norm > 0:
-        log.warning("faults.max-update-norm rejects updates by norm before the DP wrapper clips them; the number "
-                    "of averaged updates then varies and the accounting uses the per-round count")
+    _check_screen_composes_with_clipping(settings)
     m = num_sampled_clients(settings)
     if m > settings.partition.num_clients:
         raise ConfigError(f"strategy.min-train-clients={m} exceeds partition.num-clients="
@@ -96,10 +112,75 @@ def check_privacy_settings(settings: RunSettings) -> None:
                           f"{p.mode!r}: with secure aggregation the server never sees an individual update")
 
 
+def _check_screen_composes_with_clipping(settings: RunSettings) -> None:
+    """The norm screen (``faults.max-update-norm``) runs before the server's clip and after the device's: refuse
+    a bound whose accept/reject decision would depend on an honest device's data (module docstring)."""
+    p, bound = settings.privacy, settings.faults.max_update_norm
+    if bound <= 0 or p.mode == "local":
+        return
+    if p.mode in ("server-fixed", "server-adaptive", "client-adaptive"):
+        where = ("before the server clips it" if p.mode.startswith("server")
+                 else "while the clipping norm adapts")
+        raise ConfigError(f"faults.max-update-norm={bound:g} with privacy.mode={p.mode!r}: the screen would reject "
+                          f"updates by their norm {where}, and which device was rejected is not private; DP "
+                          "clipping already bounds every update, set faults.max-update-norm=0")
+    if p.mode == "client-fixed" and bound <= p.clipping_norm:
+        raise ConfigError(f"faults.max-update-norm={bound:g} must be 0 or above privacy.clipping-norm="
+                          f"{p.clipping_norm:g} with privacy.mode='client-fixed': devices clip to that norm, so a "
+                          "smaller bound would reject honest updates by their norm")
+
+
+def dp_pipeline(settings: RunSettings) -> list[str]:
+    """What happens to one device's update, in order, under ``privacy.mode`` (results.json ``privacy.order``)."""
+    p = settings.privacy
+    steps = ["device: train the head"]
+    if p.mode in ("client-fixed", "client-adaptive"):
+        steps.append("device: clip the update to the clipping norm (Flower's "
+                     f"{'fixed' if p.mode == 'client-fixed' else 'adaptive'}clipping_mod)")
+    elif p.mode == "local":
+        steps.append("device: clip the update to the clipping norm and add Gaussian noise (AnalyticLocalDpMod)")
+    if p.mode != "none":
+        steps.append(f"device: drop every metric but num-examples = {DP_TRAIN_WEIGHT}")
+    if settings.secagg.enabled:
+        steps.append("device: SecAgg+ masks the update; the server screens only the aggregate")
+    else:
+        bound = settings.faults.max_update_norm
+        steps.append("server: screen the reply (error, weight, finite, keys, shapes, dtype"
+                     + (f", update norm <= {bound:g})" if bound > 0 else ")"))
+    if p.mode in ("server-fixed", "server-adaptive"):
+        steps.append("server: clip each accepted update to the clipping norm (Flower's DP wrapper)")
+    if p.mode in CENTRAL_MODES:
+        steps += ["server: uniform average of the accepted updates",
+                  "server: add Gaussian noise, std = noise-multiplier * clipping-norm / sampled clients"]
+    elif p.mode == "local":
+        steps.append("server: uniform average (devices declare weight 1; the strategy's aggregate)")
+    else:
+        steps.append("server: the strategy's aggregate (weighted by num-examples for FedAvg)")
+    return steps
+
+
+def _withhold_device_metrics(strategy: fs.Strategy, settings: RunSettings) -> None:
+    """Under DP: no federated evaluation, no aggregated train metrics (devices send none: client.privacy)."""
+    inner = base_fedavg(strategy)
+    if inner.fraction_evaluate > 0:
+        log.warning("privacy.mode=%s: federated evaluation is off (strategy.fraction-evaluate=%g ignored): device "
+                    "metrics are not covered by DP, so devices do not send them", settings.privacy.mode,
+                    inner.fraction_evaluate)
+    inner.fraction_evaluate, inner.min_evaluate_nodes = 0.0, 0
+    inner.train_metrics_aggr_fn = _no_metrics
+
+
+def _no_metrics(contents: list[RecordDict], weighting_key: str) -> MetricRecord:
+    return MetricRecord()
+
+
 def wrap_strategy(strategy: fs.Strategy, settings: RunSettings) -> fs.Strategy:
-    """``strategy`` wrapped in the Flower DP wrapper that ``privacy.mode`` names (or returned as is)."""
+    """``strategy`` wrapped in the Flower DP wrapper that ``privacy.mode`` names (or returned as is); under any DP
+    mode without federated evaluation and without aggregated device metrics."""
     check_privacy_settings(settings)
     p = settings.privacy
+    if p.mode != "none":
+        _withhold_device_metrics(strategy, settings)
     if p.mode not in CENTRAL_MODES:
         return strategy
     m = num_sampled_clients(settings)
@@ -136,14 +217,14 @@ def _noise_multiplier_for_updates(strategy: fs.Strategy) -> float:
 def before_aggregate(strategy: fs.Strategy, replies: Iterable[Message]) -> dict[str, Any] | None:
     """Prepare accepted replies for a DP wrapper's ``aggregate_train``: uniform weights, fresh noise seed.
 
-    Returns what :func:`release_record` needs (the clipping norm in force while clipping), or None without DP.
+    Devices already declare weight 1 under DP (``client.privacy``); the server sets it anyway, so a device that
+    declares another weight cannot tilt the average. Returns what :func:`release_record` needs (the clipping norm
+    in force while clipping), or None without DP.
     """
     if not is_dp_wrapper(strategy):
         return None
     for msg in replies:
-        mr = msg.content.metric_records[METRICS]
-        mr[REPORTED_WEIGHT] = mr[NUM_EXAMPLES]
-        mr[NUM_EXAMPLES] = 1
+        msg.content.metric_records[METRICS][NUM_EXAMPLES] = DP_TRAIN_WEIGHT
     # Flower draws the noise from numpy's global generator: reseed it from the OS so that nobody who knows the
     # run's seeds can regenerate (and subtract) the noise. DP runs are therefore not bit-reproducible.
     np.random.seed(np.frombuffer(os.urandom(4 * 624), dtype=np.uint32))
@@ -231,22 +312,39 @@ def epsilon_poisson(population: int, rounds: list[tuple[int, float]], delta: flo
     return _rdp_epsilon(events, dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, delta)
 
 
-def epsilon_gaussian(releases: int, noise_multiplier: float, delta: float) -> float:
-    """Epsilon of ``releases`` Gaussian releases (no sampling) with ``noise_multiplier`` = std / sensitivity."""
-    import dp_accounting as dpa
+def local_noise_std(settings: RunSettings) -> float:
+    """Std of the Gaussian noise a device adds under ``privacy.mode = local`` (``client.privacy.AnalyticLocalDpMod``):
+    the analytic Gaussian mechanism for (``local-epsilon``, ``target-delta``) at ``local-sensitivity``."""
+    p = settings.privacy
+    return analytic_gaussian_std(p.local_epsilon, p.target_delta, p.local_sensitivity)
+
+
+def epsilon_gaussian_exact(releases: int, noise_multiplier: float, delta: float) -> float:
+    """Tight epsilon of ``releases`` Gaussian releases (no sampling), std / sensitivity = ``noise_multiplier``:
+    they compose exactly into one Gaussian with multiplier ``noise_multiplier / sqrt(releases)`` (Gaussian DP),
+    whose epsilon is the analytic one (Balle & Wang 2018)."""
+    from dp_accounting.gaussian_mechanism import get_epsilon_gaussian
 
     if releases <= 0:
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    return _rdp_epsilon([dpa.SelfComposedDpEvent(dpa.GaussianDpEvent(noise_multiplier), releases)],
-                        dpa.NeighboringRelation.ADD_OR_REMOVE_ONE, delta)
+    return float(get_epsilon_gaussian(noise_multiplier / math.sqrt(releases), delta))
 
 
-def local_noise_std(settings: RunSettings) -> float:
-    """Std of the Gaussian noise Flower's ``LocalDpMod`` adds: ``sensitivity * sqrt(2 ln(1.25/delta)) / eps``."""
-    p = settings.privacy
-    return p.local_sensitivity * math.sqrt(2 * math.log(1.25 / p.target_delta)) / p.local_epsilon
+def device_metrics_report(settings: RunSettings) -> dict[str, Any]:
+    """What devices send besides the model update (results.json ``privacy.device_metrics``)."""
+    mode = settings.privacy.mode
+    if mode == "none":
+        return {"train": "sent without noise (num-examples, train-loss, num-steps)",
+                "evaluate": "sent without noise (num-examples and NDCG/MRR/recall per device)"}
+    sent = [f"{NUM_EXAMPLES} = {DP_TRAIN_WEIGHT} (a public constant, not the device's example count)"]
+    if mode == "client-adaptive":
+        sent.append("norm_bit (released only as a noisy count; counted by the accountant)")
+    return {"train_sent": sent, "train_withheld": [TRAIN_LOSS, NUM_STEPS, f"the true {NUM_EXAMPLES}"],
+            "evaluate": "not sent: federated evaluation is off under DP (devices refuse evaluate messages); the "
+                        "server evaluates on its own held-out sessions",
+            "aggregated_train_metrics": "none"}
 
 
 def _finite(x: float) -> float | None:
@@ -263,20 +361,28 @@ def privacy_report(settings: RunSettings, rounds: list[dict[str, Any]]) -> dict[
     if p.mode == "none":
         out["epsilon"] = None
         return out
+    out["order"] = dp_pipeline(settings)
+    out["device_metrics"] = device_metrics_report(settings)
     if p.mode == "local":
         std = local_noise_std(settings)
         # the clipped update of one device can change by up to 2C between any two of its data sets
         z_local = std / (2 * p.clipping_norm)
         out.update({
-            "mechanism": "Flower LocalDpMod: clip to C, add N(0, std^2) per coordinate before upload",
+            "mechanism": "AnalyticLocalDpMod (Flower's LocalDpMod, analytic calibration): clip to C, add "
+                         "N(0, std^2) per coordinate before upload",
+            "calibration": "analytic Gaussian mechanism (Balle & Wang 2018), valid for every epsilon",
             "clipping_norm": p.clipping_norm, "noise_std": std, "local_epsilon_per_release": p.local_epsilon,
             "local_sensitivity": p.local_sensitivity,
+            "noise_std_classic_calibration": classic_gaussian_std(p.local_epsilon, p.target_delta,
+                                                                  p.local_sensitivity),
             "noise_multiplier": z_local,
-            "accountant": ACCOUNTANT,
+            "epsilon_per_release": _finite(epsilon_gaussian_exact(1, z_local, p.target_delta)),
+            "accountant": "dp_accounting.gaussian_mechanism (exact composition of Gaussian releases)",
             # worst case: a device sampled in every round
-            "epsilon": _finite(epsilon_gaussian(len(rounds), z_local, p.target_delta)),
-            "note": "local DP per device, composed over every round (a device may be sampled each round); the "
-                    "per-release epsilon uses the classic Gaussian calibration, valid for epsilon < 1",
+            "epsilon": _finite(epsilon_gaussian_exact(len(rounds), z_local, p.target_delta)),
+            "note": "local DP per device (any two data sets of one device), composed over every round (a device "
+                    "may be sampled each round); epsilon_per_release is at the true sensitivity 2 x clipping_norm, "
+                    "so at most local_epsilon_per_release",
         })
         return out
     releases = [r["privacy"] for r in rounds if isinstance(r.get("privacy"), dict) and r["privacy"].get("released")]
@@ -294,7 +400,8 @@ def privacy_report(settings: RunSettings, rounds: list[dict[str, Any]]) -> dict[
                       "replace-one relation (sensitivity 2C), the sampler Flower uses",
         "epsilon": _finite(epsilon_without_replacement(n, wor, p.target_delta)),
         "epsilon_poisson_add_remove": _finite(epsilon_poisson(n, poisson, p.target_delta)),
-        "covers": "model updates; training metrics and federated-evaluation metrics are sent without noise",
+        "covers": "model updates" + (" and the clipped-count bits" if p.mode in ADAPTIVE_MODES else "")
+                  + "; devices send no other metric (privacy.device_metrics)",
     })
     if settings.secagg.enabled:
         out["note"] = "noise added by Flower's legacy client-side wrapper to the SecAgg+ aggregate"

@@ -91,7 +91,8 @@ def build_results(settings: RunSettings, state: LoopState, prep: Prepared, secon
     return {
         "run_config": settings.to_flat(),
         "data": {"dir": str(prep.data_dir), "items": len(prep.catalog), "sessions": len(prep.log),
-                 "test_sessions": int(len(prep.test_idx)), "propensity_eta": prep.eta},
+                 "test_sessions": int(len(prep.test_idx)), "propensity_eta": prep.eta,
+                 "propensity": prep.propensity_summary()},
         "rounds": rounds,
         "final": last.get("central", {}),
         "clients": {k: fed.get(k, []) for k in (NDCG_GLOBAL, NDCG_PERSONAL, PNDCG_GLOBAL, PNDCG_PERSONAL)},

@@ -50,12 +50,17 @@ def base_strategy(strategy: fs.Strategy) -> fs.Strategy:
     return strategy
 
 
-def min_train_nodes(strategy: fs.Strategy) -> int:
-    """``min_train_nodes`` of the strategy inside any wrappers (every strategy in STRATEGIES is a FedAvg)."""
+def base_fedavg(strategy: fs.Strategy) -> fs.FedAvg:
+    """The FedAvg inside any wrappers (every strategy in STRATEGIES is a FedAvg)."""
     inner = base_strategy(strategy)
     if not isinstance(inner, fs.FedAvg):
-        raise TypeError(f"{type(inner).__name__} is not a FedAvg: it has no min_train_nodes")
-    return inner.min_train_nodes
+        raise TypeError(f"{type(inner).__name__} is not a FedAvg")
+    return inner
+
+
+def min_train_nodes(strategy: fs.Strategy) -> int:
+    """``min_train_nodes`` of the strategy inside any wrappers."""
+    return base_fedavg(strategy).min_train_nodes
 
 
 def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:

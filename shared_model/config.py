@@ -230,8 +230,10 @@ class PrivacyConfig:
     target_quantile: float = 0.5  # adaptive clipping: quantile of update norms to track
     clip_lr: float = 0.2  # adaptive clipping: step size of the clipping-norm update
     clipped_count_stddev: float = 0.0  # adaptive clipping: noise on the clipped-count; 0 = Flower's default
-    local_epsilon: float = 1.0  # local DP: Laplace mechanism epsilon per release
-    local_sensitivity: float = 1.0
+    local_epsilon: float = 1.0  # local DP: epsilon of each upload (analytic Gaussian mechanism, at target-delta)
+    # local DP: L2 sensitivity the noise is sized for; at least 2 x clipping-norm (any two clipped updates of a
+    # device differ by at most the diameter of the clipping ball)
+    local_sensitivity: float = 2.0
 
     def __post_init__(self) -> None:
         if self.mode not in PRIVACY_MODES:
@@ -245,6 +247,11 @@ class PrivacyConfig:
                               "privacy.clipped-count-stddev >= 0")
         if self.local_epsilon <= 0 or self.local_sensitivity < 0:
             raise ConfigError("privacy.local-epsilon must be > 0 and privacy.local-sensitivity >= 0")
+        if self.mode == "local" and self.local_sensitivity < 2 * self.clipping_norm:
+            raise ConfigError(f"privacy.local-sensitivity={self.local_sensitivity:g} must be >= 2 x "
+                              f"privacy.clipping-norm ({self.clipping_norm:g}) for privacy.mode='local': two "
+                              "clipped updates of one device can differ by that much, so a smaller sensitivity "
+                              "would state an epsilon the noise does not give")
 
 
 @dataclass(frozen=True)

@@ -155,6 +155,7 @@ def run_baselines(
         "data_dir": str(prep.data_dir),
         "num_test_sessions": int(len(test)),
         "propensity_eta": prep.eta,
+        "propensity": prep.propensity_summary(),
         "rankers": results,
         "training": training,
     }

@@ -1,8 +1,8 @@
 """What shoppers see and do: ground-truth relevance, display order, position-biased clicks and purchases.
 
 Graded relevance 0..3 comes from the intent; personal utility in [-1, 1] from the user's preferences (both kept
-for evaluation only). ~5% of sessions show the slate in a uniformly random order (for position-propensity
-estimation); the others in production order.
+for evaluation only). A share of sessions (``randomized_share``, 5% by default; 0 = a log that never randomized)
+show the slate in a uniformly random order (for position-propensity estimation); the others in production order.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ class MarketConfig:
     feature_share : float
         Share of video items in light-up-capable categories that have the video-only feature.
     randomized_share : float
-        Share of sessions shown in a uniformly random order (for position-propensity estimation).
+        Share of sessions shown in a uniformly random order (for position-propensity estimation); 0 gives a log
+        that never randomized (propensities are then harvested from the production order's own variation).
     eta : float
         Position-bias exponent: examination probability ``(1 / (rank + 1)) ** eta``.
     click_eps : float
@@ -61,6 +62,11 @@ class MarketConfig:
         Slate composition: share drawn from items sharing a requested attribute, and from other categories.
     text_weight, popularity_weight, retrieval_noise : float
         Production score = ``text_weight * idf_overlap + popularity_weight * popularity + noise * N(0, 1)``.
+    ranker_update_days, ranker_drift : float
+        Periodic production-ranker updates (the variation real logs get from retraining): every
+        ``ranker_update_days`` days since the first session a new ranker version scores with ``text_weight`` and
+        ``popularity_weight`` each multiplied by ``exp(ranker_drift * N(0, 1))`` (drawn per version from the
+        ``ranker`` stream). 0 days (the default) = one fixed ranker, as before: the default sessions are unchanged.
     color_omit, pattern_omit, brand_omit, material_mention : float
         Title generation: probability that colour/pattern/brand are left out of the text; that material is in.
     mean_gap_days : float
@@ -103,6 +109,8 @@ class MarketConfig:
     text_weight: float = 1.0
     popularity_weight: float = 0.15
     retrieval_noise: float = 0.2
+    ranker_update_days: float = 0.0
+    ranker_drift: float = 0.3
     color_omit: float = 0.45
     pattern_omit: float = 0.5
     brand_omit: float = 0.1
@@ -128,6 +136,8 @@ class MarketConfig:
             problems.append("match_share + other_category_share must be <= 0.95")
         if self.eta < 0:
             problems.append(f"eta must be >= 0, got {self.eta}")
+        if self.ranker_update_days < 0 or self.ranker_drift < 0:
+            problems.append("ranker_update_days and ranker_drift must be >= 0")
         if self.num_frames < 1:
             problems.append("num_frames must be >= 1")
         if problems:
@@ -149,6 +159,10 @@ PRESETS: dict[str, MarketConfig] = {
     # scenario, where a device's own clicks carry signal the population does not
     "personal": MarketConfig(num_items=1500, num_users=100, sessions_per_user=120, segment_concentration=3.0,
                              utility_gain=1.5, purchase_utility=1.5),
+    # the default marketplace with a log that never randomized and a production ranker retrained weekly: position
+    # propensities come from intervention harvesting (shared_model.propensity), checked by benchmarks/bias_recovery.py
+    "harvest": MarketConfig(num_items=3000, num_users=600, sessions_per_user=40, randomized_share=0.0,
+                            ranker_update_days=7.0),
 }
 
 
@@ -175,6 +189,9 @@ def make_config(preset: str = "default", seed: int = 0, **overrides: Any) -> Mar
 
 
 def random_streams(seed: int) -> dict[str, np.random.SeedSequence]:
-    """Independent random streams (fresh objects each call, so the derivation is repeatable)."""
-    kids = np.random.SeedSequence(int(seed)).spawn(6)
-    return dict(zip(("catalog", "users", "sessions", "render", "judgments", "spare"), kids, strict=True))
+    """Independent random streams (fresh objects each call, so the derivation is repeatable).
+
+    ``ranker`` (production-ranker versions) was added last: spawning one more child leaves the others unchanged.
+    """
+    kids = np.random.SeedSequence(int(seed)).spawn(7)
+    return dict(zip(("catalog", "users", "sessions", "render", "judgments", "spare", "ranker"), kids, strict=True))

@@ -48,7 +48,7 @@ def _simulate_chunk(
     it, sid = slates.items, slates.session
     grade = relevance_grades(index, intents, slates)
     util = users.utility(su[sid], it).astype(np.float32)
-    rscore, prod_rank = production_ranks(index, cfg, book, qid, slates, rng)
+    rscore, prod_rank = production_ranks(index, cfg, book, qid, slates, rng, days=(ts - _T0) / 86400.0)
     randomized, dorder = display_order(cfg, slates, prod_rank, rng)
     it, grade, util, rscore, prod_rank = it[dorder], grade[dorder], util[dorder], rscore[dorder], prod_rank[dorder]
     pos = np.arange(len(it)) - slates.offsets[sid]

@@ -2,7 +2,10 @@
 
 A slate holds ``slate_min..slate_max`` candidates: the intent's target, items sharing a requested attribute,
 same-category items and a few from other categories. The production score (IDF-weighted token overlap of query
-and title, popularity, noise) is informative but blind to image- and video-only attributes.
+and title, popularity, noise) is informative but blind to image- and video-only attributes. The same item for the
+same query lands at different positions across sessions (per-session score noise, different candidate sets and,
+when ``ranker_update_days > 0``, periodic ranker versions): the natural interventions from which position bias is
+harvested when no session was randomized.
 """
 
 from __future__ import annotations
@@ -12,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from simulations.market_config import MarketConfig
+from simulations.market_config import MarketConfig, random_streams
 from simulations.market_index import CatalogIndex
 from simulations.market_queries import Intents, QueryBook
 
-__all__ = ["Slates", "draw_slates", "production_ranks"]
+__all__ = ["Slates", "draw_slates", "production_ranks", "ranker_multipliers"]
 
 
 @dataclass(frozen=True)
@@ -103,12 +106,34 @@ def draw_slates(index: CatalogIndex, cfg: MarketConfig, intents: Intents, rng: n
     return Slates(items=R[chosen], session=np.repeat(np.arange(S), lengths), lengths=lengths, offsets=offsets)
 
 
+def ranker_multipliers(cfg: MarketConfig, days: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Text and popularity weight multipliers ``[S]`` of the ranker version serving each session.
+
+    ``days [S]``: session time in days since the first possible session. Version ``v = floor(days /
+    ranker_update_days)`` multiplies both weights by ``exp(ranker_drift * N(0, 1))``, drawn from the ``ranker``
+    stream keyed by ``v`` (so a version's weights do not depend on which sessions are simulated together).
+    Without updates (``ranker_update_days == 0``) all ones.
+    """
+    S = len(days)
+    if cfg.ranker_update_days <= 0:
+        return np.ones(S), np.ones(S)
+    version = np.floor(np.asarray(days, dtype=np.float64) / cfg.ranker_update_days).astype(np.int64)
+    root = random_streams(cfg.seed)["ranker"]
+    uv, inv = np.unique(version, return_inverse=True)
+    mult = np.array([np.exp(cfg.ranker_drift * np.random.default_rng(
+        np.random.SeedSequence(root.entropy, spawn_key=(*root.spawn_key, int(v)))).standard_normal(2))
+        for v in uv]).reshape(len(uv), 2)
+    return mult[inv, 0], mult[inv, 1]
+
+
 def production_ranks(index: CatalogIndex, cfg: MarketConfig, book: QueryBook, qid: np.ndarray, slates: Slates,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+                     rng: np.random.Generator, days: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The production (text-only) score ``[M]`` of each impression and its rank ``[M]`` within the slate.
 
     Score = ``text_weight * idf_overlap + popularity_weight * popularity + retrieval_noise * N(0, 1)``, where
-    ``idf_overlap`` is the IDF-weighted share of the query's tokens found in the title.
+    ``idf_overlap`` is the IDF-weighted share of the query's tokens found in the title; with ranker updates the
+    two weights are those of the version serving the session (:func:`ranker_multipliers`; ``days [S]``: session
+    times in days since the first possible session, needed only then).
     """
     it, sid = slates.items, slates.session
     M = len(it)
@@ -130,8 +155,15 @@ def production_ranks(index: CatalogIndex, cfg: MarketConfig, book: QueryBook, qi
     found = (tok >= 0) & (index.pairs[ppos] == pk) if len(index.pairs) else np.zeros(len(pk), dtype=bool)
     sim = np.bincount(rep, weights=q_w[tpos] * found, minlength=M) / q_norm[mq]
     pop = index.popularity[it]
-    rscore = (cfg.text_weight * sim + cfg.popularity_weight * pop
-              + cfg.retrieval_noise * rng.standard_normal(M)).astype(np.float32)
+    if cfg.ranker_update_days > 0:
+        if days is None:
+            raise ValueError("ranker_update_days > 0 needs the session times (days)")
+        tw, pw = ranker_multipliers(cfg, days)
+        text_w, pop_w = cfg.text_weight * tw[sid], cfg.popularity_weight * pw[sid]
+        rscore = (text_w * sim + pop_w * pop + cfg.retrieval_noise * rng.standard_normal(M)).astype(np.float32)
+    else:  # the original expression, so the default marketplace stays byte-identical
+        rscore = (cfg.text_weight * sim + cfg.popularity_weight * pop
+                  + cfg.retrieval_noise * rng.standard_normal(M)).astype(np.float32)
     porder = np.lexsort((-rscore.astype(np.float64), sid))
     prod_rank = np.empty(M, dtype=np.int64)
     prod_rank[porder] = np.arange(M) - slates.offsets[sid[porder]]

@@ -7,7 +7,8 @@ smoke marketplace) sends train and evaluate messages; the mod serializes every i
 with Flower's own protobuf serde into a folder (the ClientApps run in Ray worker processes), and the test inspects
 every reply: array records hold exactly the head's state-dict keys, with the head's shapes and a float dtype;
 metric records hold int/float scalars under declared metric keys (``shared_model.records``); no config record,
-no string that is an item id or a query of the marketplace.
+no string that is an item id or a query of the marketplace. Under DP (a client-fixed run) a train reply holds
+the clipped update and ``num-examples = 1`` only, and no evaluate message is sent.
 """
 
 from __future__ import annotations
@@ -217,6 +218,31 @@ def _check_every_reply(run: tuple[RunSettings, list[tuple[Message, Message]], An
             assert not reply.content.array_records and set(reply.content[METRICS].keys()) == {PARTITION_ID}
         else:  # evaluation replies carry no arrays at all
             assert not reply.content.array_records and NUM_EXAMPLES in reply.content[METRICS]
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSettings, list[tuple[Message, Message]], Any]:
+    return _federated_run(tmp_path_factory.mktemp("privacy-dp"), {
+        "privacy.mode": "client-fixed", "privacy.noise-multiplier": 0.5, "privacy.clipping-norm": 2.0})
+
+
+@pytest.mark.slow
+def test_dp_run_sends_only_clipped_arrays_and_the_constant_weight(dp_run) -> None:
+    """Under DP (client-fixed here) a train reply carries the head arrays and ``num-examples = 1`` only, and no
+    evaluate message is sent although the run asked for federated evaluation (strategy.fraction-evaluate 1.0)."""
+    settings, pairs, prep = dp_run
+    n = settings.partition.num_clients
+    kinds = [reply.metadata.message_type for _, reply in pairs]
+    assert kinds.count(MessageType.TRAIN) == n and kinds.count(MessageType.EVALUATE) == 0, kinds
+    shapes, forbidden = _head_shapes(settings), _forbidden(prep)
+    for inbound, reply in pairs:
+        assert not inspect_reply(reply, shapes, forbidden), inspect_reply(reply, shapes, forbidden)
+        if reply.metadata.message_type == MessageType.TRAIN:
+            assert dict(reply.content[METRICS]) == {NUM_EXAMPLES: 1}
+            sent, got = inbound.content[ARRAYS], reply.content[ARRAYS]
+            update = np.sqrt(sum(float(np.sum((got[k].numpy().astype(np.float64) - sent[k].numpy()) ** 2))
+                                 for k in got.keys()))
+            assert update <= 2.0 * (1 + 1e-4)  # clipped on the device before it was sent
 
 
 @pytest.mark.slow
