@@ -23,6 +23,8 @@ from simulations.ltr import LtrConfig, fit_prepared, slate_queries
 
 log = logging.getLogger(__name__)
 DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides
+MIN_EPOCHS = 5  # one epoch's validation clicks cannot tell epoch 2 from epoch 5 (see train_central)
+SELECTION_WINDOW = 3  # epochs whose weights are averaged into the returned head
 VAL_FRAC = 0.1
 
 
@@ -34,41 +36,58 @@ def train_central(
     seed: int = 0,
     progress: bool = True,
     patience: int = 3,
+    min_epochs: int = MIN_EPOCHS,
+    window: int = SELECTION_WINDOW,
 ) -> tuple[FusedRankingHead, dict[str, Any]]:
     """Train one head on the pooled training sessions of every user.
 
-    The last 10% of each shopper's training sessions are held out as validation clicks; training stops when the
-    IPS-estimated DCG@10 of those clicks (``ips_click_dcg``) has not improved for ``patience`` epochs (at most
-    ``epochs``) and the best epoch's weights are returned. Graded relevance is never looked at.
+    The last 10% of each shopper's training sessions are held out as validation clicks, scored after every epoch
+    by the IPS-estimated DCG@10 of those clicks (``ips_click_dcg``). One epoch's figure is noisy (a few hundred
+    clicks; IPS weights up to the clip), so a single best epoch is a poor choice: the head returned is the
+    *average of the weights* of the ``window`` consecutive epochs whose mean validation figure is highest
+    (stochastic weight averaging over the selected window). Training runs at least ``min_epochs`` epochs and stops
+    when that best window has not moved for ``patience`` epochs (at most ``epochs``). Graded relevance is never
+    looked at.
     """
     torch.manual_seed(seed)
     model = build_head(model_cfg, seed=seed)
     fit, val = prep.fit_validation_slates(VAL_FRAC)
     table = prep.table()
     props = prep.propensity_tensor()
+    window = max(1, min(window, epochs))
     t0 = time.perf_counter()
     history: list[dict[str, float]] = []
-    best, best_state, since = -float("inf"), None, 0
+    recent: list[dict[str, torch.Tensor]] = []  # the last ``window`` epochs' weights
+    best, best_state, best_end = -float("inf"), None, 0
     for epoch in range(epochs):
         stats = train_epochs(model, fit, table, train_cfg, props, epochs=1, seed=seed * 100 + epoch)
         vdcg = ips_click_dcg(score_slates(model, val, table), val, props)
         history.append({"epoch": epoch + 1, **stats, "val_ips_dcg": vdcg})
+        recent = [*recent, {k: v.detach().clone() for k, v in model.state_dict().items()}][-window:]
         if progress:
             log.info("epoch %d/%d loss %.4f validation IPS-DCG@10 %.4f", epoch + 1, epochs, stats["train_loss"], vdcg)
-        if vdcg > best + 1e-5:
-            best, since = vdcg, 0
-            best_state = {k: v.clone() for k, v in model.state_dict().items()}
-        else:
-            since += 1
-            if since >= patience:
-                break
+        if len(recent) == window:
+            smoothed = sum(h["val_ips_dcg"] for h in history[-window:]) / window
+            history[-1]["val_window_mean"] = smoothed
+            if smoothed > best + 1e-5:
+                best, best_end = smoothed, epoch + 1
+                best_state = average_states(recent)
+        if epoch + 1 >= min_epochs and best_end and epoch + 1 - best_end >= patience:
+            break
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    best_epoch = max(history, key=lambda h: h["val_ips_dcg"])["epoch"] if history else 0
-    info = {"epochs_run": len(history), "best_epoch": best_epoch, "seconds": time.perf_counter() - t0,
-            "history": history, "params": count_parameters(model)}
+    info = {"epochs_run": len(history), "best_epoch": best_end, "selected_epochs": [best_end - window + 1, best_end],
+            "selection": f"mean of the weights of the {window} consecutive epochs with the best mean validation "
+                         "IPS-DCG@10", "seconds": time.perf_counter() - t0, "history": history,
+            "params": count_parameters(model)}
     return model, info
+
+
+def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of state dicts with the same keys (non-float entries: the last state's)."""
+    return {k: (torch.stack([s[k] for s in states]).mean(0) if states[-1][k].is_floating_point() else states[-1][k])
+            for k in states[-1]}
 
 
 def head_variants(base: ModelConfig, base_train: TrainConfig) -> dict[str, tuple[ModelConfig, TrainConfig]]:
