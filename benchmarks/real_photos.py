@@ -222,9 +222,9 @@ def train_all(prep: Prepared, seed: int, epochs: int) -> tuple[dict[str, FusedRa
     for name, (mcfg, tcfg) in head_variants(ModelConfig(), TrainConfig()).items():
         model, fit = train_central(prep, mcfg, tcfg, epochs=epochs, seed=seed, progress=False)
         heads[name] = model
-        info[name] = {k: fit[k] for k in ("epochs_run", "best_epoch", "seconds", "params")}
-        log.info("trained %s: %d epochs (best %d), %.1f s", name, fit["epochs_run"], fit["best_epoch"],
-                 fit["seconds"])
+        info[name] = {k: fit[k] for k in ("epochs_run", "selected_epochs", "seconds", "params")}
+        log.info("trained %s: %d epochs (weights of epochs %s averaged), %.1f s", name, fit["epochs_run"],
+                 fit["selected_epochs"], fit["seconds"])
     ranker = None
     if _ltr is not None:
         ranker, fit = _ltr.fit_prepared(prep, _ltr.LtrConfig(num_threads=1, seed=seed), VAL_FRAC)

@@ -1,2 +1,2 @@
 """Real Flower deployment on loopback: a SuperLink and SuperNodes as processes, with TLS, SuperNode
-authentication and persistent state (``fedrank deploy certs | up | down | status``)."""
+authentication and persistent state (``fedrank deploy certs | up | run | down | status``)."""

@@ -1,7 +1,9 @@
-"""``fedrank deploy {certs,up,down,status}``: registered by :func:`add_commands`.
+"""``fedrank deploy {certs,up,run,down,status}``: registered by :func:`add_commands`.
 
-Handlers parse arguments, call :mod:`deploy.cluster` / :mod:`deploy.certs` and print for people; they return
-an exit code (0 ok, 1 a deployment error reported on stderr).
+Handlers parse arguments, call :mod:`deploy.cluster` / :mod:`deploy.certs` / :mod:`deploy.supervise` and print
+for people; they return an exit code: 0 ok; 2 input the command cannot use (a ``ValueError``: bad port, state
+folder, TLS files, run-config key), one line naming it; 1 a process that would not start or a run that failed,
+with the tail of its log.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ def add_commands(subparsers: Any) -> None:
         description="A SuperLink and N SuperNodes on loopback with TLS, SuperNode authentication and persistent "
                     "SuperLink state; then `flwr run . NAME --stream --run-config STATE/run-config.toml`.")
     d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
-    sub = d.add_subparsers(dest="deploy_command", metavar="{certs,up,down,status}")
+    sub = d.add_subparsers(dest="deploy_command", metavar="{certs,up,run,down,status}")
 
     c = sub.add_parser("certs", help="create a private CA and a server certificate for loopback",
                        description="Write ca.crt, ca.key, server.pem, server.key (existing files are kept).")
@@ -51,6 +53,19 @@ def add_commands(subparsers: Any) -> None:
     u.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for every process to come up")
     u.set_defaults(func=cmd_up)
 
+    r = sub.add_parser("run", help="submit the run and see it through SuperLink and SuperNode faults",
+                       description="Submit STATE/run-config.toml with `flwr run`, then supervise: restart a dead "
+                                   "SuperLink (same port and database) and resubmit its run, which resumes after "
+                                   "the last checkpointed round; restart a dead SuperNode once the SuperLink reports "
+                                   "it offline; resubmit a run that failed. Writes deploy-run.json beside "
+                                   "results.json.")
+    _state_opt(r)
+    r.add_argument("--max-resubmits", type=int, default=5, help="give up after this many resubmissions")
+    r.add_argument("--status-every", type=float, default=10.0, help="seconds between run-status checks")
+    r.add_argument("--limit", type=float, help="give up after this many seconds")
+    r.add_argument("--json", action="store_true", help="print the run report as JSON")
+    r.set_defaults(func=cmd_run)
+
     dn = sub.add_parser("down", help="stop every process `deploy up` started (safe to call twice)")
     _state_opt(dn)
     dn.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
@@ -67,6 +82,12 @@ def _state_opt(p: argparse.ArgumentParser) -> None:
 
 
 def _error(cmd: str, e: Exception) -> int:
+    """Bad input (a ``ValueError``): one line naming it, exit 2; anything else: the whole message, exit 1."""
+    from shared_model.console import EXIT_BAD_INPUT, one_line
+
+    if isinstance(e, ValueError):
+        print(f"fedrank deploy {cmd}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(f"fedrank deploy {cmd}: error: {e}", file=sys.stderr)
     return 1
 
@@ -75,6 +96,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     from deploy.certs import DEFAULT_HOSTS, CertError, generate_certs, load_cert, san_names
 
     try:
+        if args.days < 1:
+            raise CertError(f"--days {args.days}: a certificate must be valid for at least one day")
         paths = generate_certs(args.dir, hosts=args.host or DEFAULT_HOSTS, days=args.days, overwrite=args.overwrite)
         names = san_names(load_cert(paths.server_cert))
     except CertError as e:
@@ -88,7 +111,6 @@ def cmd_certs(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from deploy.cluster import UpOptions, flwr_run_command, up
     from deploy.errors import DeployError
-    from shared_model.config import ConfigError
     from shared_model.console import parse_sets
 
     try:
@@ -97,7 +119,7 @@ def cmd_up(args: argparse.Namespace) -> int:
                          node_port=args.node_port, flwr_home=Path(args.flwr_home) if args.flwr_home else None,
                          certs=Path(args.certs) if args.certs else None, timeout=args.timeout)
         dep = up(opts)
-    except (DeployError, ConfigError) as e:
+    except (DeployError, ValueError) as e:  # ConfigError, CertError and a bad --set are ValueErrors
         return _error("up", e)
     print(f"SuperLink {dep.name!r} on https://{dep.address} (TLS, SuperNode authentication, "
           f"state {Path(args.state) / 'superlink' / 'state.db'})")
@@ -110,6 +132,34 @@ def cmd_up(args: argparse.Namespace) -> int:
     print(f"  export FLWR_HOME={dep.flwr_home}")
     print(f"  {flwr_run_command(dep)}")
     print(f"Results: {dep.out_dir}/results.json.  Stop: fedrank deploy down --state {args.state}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from deploy.errors import DeployError
+    from deploy.supervise import RUN_REPORT, RunOptions, supervise
+
+    def show(ev: dict[str, Any]) -> None:
+        if not args.json:
+            detail = " ".join(f"{k}={v}" for k, v in ev.items() if k not in ("t", "event"))
+            print(f"[{ev['t']:7.1f} s] {ev['event']:<20} {detail}", flush=True)
+
+    try:
+        if args.max_resubmits < 0 or args.status_every <= 0:
+            raise ValueError("--max-resubmits must be >= 0 and --status-every > 0")
+        rep = supervise(RunOptions(state=Path(args.state), max_resubmits=args.max_resubmits,
+                                   status_every=args.status_every, limit=args.limit), on_event=show)
+    except (DeployError, ValueError) as e:
+        return _error("run", e)
+    if args.json:
+        print(json.dumps(rep, indent=2, default=float))
+        return 0
+    ndcg = rep["final"].get("ndcg@10", float("nan"))
+    print(f"run {rep['run_ids'][-1]}: {rep['rounds_completed']}/{rep['num_rounds']} rounds, lost "
+          f"{rep['rounds_lost'] or 'none'}, final ndcg@10 {ndcg:.4f}, {rep['wall_s']:.0f} s; "
+          f"{rep['resubmissions']} resubmissions, SuperLink restarts {rep['superlink_restarts']}, "
+          f"SuperNode restarts {rep['supernode_restarts']}")
+    print(f"Report: {Path(rep['out_dir']) / RUN_REPORT}")
     return 0
 
 

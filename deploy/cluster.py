@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.certs import CertError, CertPaths, NodeKey, check_certs, generate_certs, generate_node_key
-from deploy.errors import DeployError
+from deploy.errors import DeployError, DeployInputError
 from deploy.flwr_cli import write_connection
 from deploy.launch import start
 from deploy.ports import DEFAULT_PORT, HOST, pick_ports
@@ -63,10 +63,10 @@ def _flwr_home(opts: UpOptions, layout: Layout) -> Path:
 def _check_not_foreign(layout: Layout) -> None:
     """Refuse a folder that holds something other than a deployment (before writing anything there)."""
     if layout.root.exists() and not layout.root.is_dir():
-        raise DeployError(f"{layout.root}: exists and is not a folder")
+        raise DeployInputError(f"{layout.root}: exists and is not a folder")
     if (layout.root.is_dir() and not layout.state_file.is_file()
             and any(p.name != layout.lock.name for p in layout.root.iterdir())):
-        raise DeployError(f"{layout.root}: not empty and holds no {STATE_FILE}: not a fedrank deployment "
+        raise DeployInputError(f"{layout.root}: not empty and holds no {STATE_FILE}: not a fedrank deployment "
                           "folder; choose another --state")
 
 
@@ -79,10 +79,10 @@ def _check_state_folder(layout: Layout, name: str) -> Deployment | None:
     alive = running(prev.processes)
     if alive:
         pids = ", ".join(f"{p['role']} {p['pid']}" for p in alive)
-        raise DeployError(f"{layout.root}: deployment {prev.name!r} ({prev.address}) is running ({pids}); "
+        raise DeployInputError(f"{layout.root}: deployment {prev.name!r} ({prev.address}) is running ({pids}); "
                           f"stop it first with `fedrank deploy down --state {layout.root}`")
     if prev.name != name:
-        raise DeployError(f"{layout.root}: holds the state of deployment {prev.name!r}, not {name!r}; use "
+        raise DeployInputError(f"{layout.root}: holds the state of deployment {prev.name!r}, not {name!r}; use "
                           f"--name {prev.name} or another --state")
     return prev
 
@@ -94,7 +94,7 @@ def _tls_and_keys(opts: UpOptions, layout: Layout, certs: CertPaths, n: int) -> 
             generate_certs(certs.dir)
         check_certs(certs, HOST)
     except CertError as e:
-        raise DeployError(str(e)) from e
+        raise DeployInputError(str(e)) from e
     return [generate_node_key(layout.node_key(i)) for i in range(n)]
 
 
@@ -164,7 +164,7 @@ def status(state: Path) -> dict[str, Any]:
     layout = Layout(state.resolve())
     dep = read_deployment(layout)
     if dep is None:
-        raise DeployError(f"{layout.root}: no deployment here (no {STATE_FILE})")
+        raise DeployInputError(f"{layout.root}: no deployment here (no {STATE_FILE})")
     return {"name": dep.name, "address": dep.address, "flwr_home": dep.flwr_home, "run_config": dep.run_config_file,
             "processes": [{"role": p["role"], "pid": p["pid"], "running": pid_alive(int(p["pid"]), p.get("ticks")),
                            "log": p["log"]} for p in dep.processes]}

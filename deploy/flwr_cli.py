@@ -106,3 +106,31 @@ def _since(stamp: str | None, t: float) -> bool:
     except ValueError:
         return False
     return when >= int(t) - 1
+
+
+def submit_run(flwr_home: Path, name: str, app_dir: Path, run_config_file: Path, timeout: float = 300.0) -> int:
+    """``flwr run APP_DIR NAME --run-config FILE --format json`` (without ``--stream``): the new run's id."""
+    proc = subprocess.run([str(BIN / "flwr"), "run", str(app_dir), name, "--run-config", str(run_config_file),
+                           "--format", "json"], env=base_env(flwr_home), capture_output=True, text=True,
+                          timeout=timeout, check=False, cwd=app_dir)
+    data = _json_out(proc)
+    if proc.returncode != 0 or not data.get("success") or "run-id" not in data:
+        raise DeployError(f"`flwr run {app_dir} {name}` failed (exit {proc.returncode}):\n"
+                          f"{(proc.stdout + proc.stderr).strip()[-2000:]}")
+    return int(data["run-id"])
+
+
+def run_status(flwr_home: Path, name: str, run_id: int) -> str:
+    """The run's status as ``flwr ls --run-id`` reports it (``pending``, ``starting``, ``running``,
+    ``finished:completed``, ``finished:failed``, ``finished:stopped``); ``unknown`` when the SuperLink does not
+    answer."""
+    proc = flwr_cli(["ls", name, "--run-id", str(run_id), "--format", "json"], flwr_home)
+    runs = _json_out(proc).get("runs") or []
+    if proc.returncode != 0 or not runs:
+        return "unknown"
+    return str(runs[0].get("status", "unknown"))
+
+
+def stop_run(flwr_home: Path, name: str, run_id: int) -> bool:
+    """``flwr stop RUN_ID NAME``: whether the SuperLink accepted the request."""
+    return flwr_cli(["stop", str(run_id), name], flwr_home).returncode == 0

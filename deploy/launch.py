@@ -160,3 +160,30 @@ def _wait_until_online(dep: Deployment, layout: Layout, flwr_home: Path, superli
             raise DeployError(f"SuperNodes {sorted(want - online)} not online after {timeout:.0f} s; logs in "
                               f"{layout.logs}")
         time.sleep(1.0)
+
+
+def role_env(layout: Layout, role: str) -> dict[str, str]:
+    """The environment a recorded process of ``role`` (``superlink``, ``supernode-<i>``) runs in."""
+    if role == "superlink":
+        return base_env(layout.superlink_home)
+    return base_env(_node_home(layout, int(role.rpartition("-")[2])))
+
+
+def respawn(dep: Deployment, layout: Layout, role: str) -> subprocess.Popen[bytes]:
+    """Start the recorded process of ``role`` again with its recorded command (same ports, database, keys and
+    node config); its record in ``deployment.json`` is replaced, with the number of restarts so far."""
+    old = next((p for p in dep.processes if p["role"] == role), None)
+    if old is None:
+        raise DeployError(f"no {role} in {layout.state_file}")
+    dep.processes = [p for p in dep.processes if p is not old]
+    proc = _spawn(role, list(old["cmd"]), role_env(layout, role), dep, layout)
+    dep.processes[-1]["restarts"] = int(old.get("restarts", 0)) + 1
+    write_deployment(layout, dep)
+    return proc
+
+
+def restart_superlink(dep: Deployment, layout: Layout, timeout: float) -> subprocess.Popen[bytes]:
+    """:func:`respawn` the SuperLink on its port and database, and wait until it listens."""
+    proc = respawn(dep, layout, "superlink")
+    wait_for_port(dep.port, proc, _log_file(layout, "superlink"), timeout)
+    return proc

@@ -9,7 +9,7 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from deploy.errors import DeployError
+from deploy.errors import DeployError, DeployInputError
 from deploy.processes import tail
 
 HOST = "127.0.0.1"
@@ -43,21 +43,26 @@ def free_ports(n: int, host: str = HOST) -> list[int]:
 def check_ports(ports: Mapping[str, int], host: str = HOST) -> None:
     busy = [f"{port} ({role})" for role, port in ports.items() if not port_free(port, host)]
     if busy:
-        raise DeployError(f"port{'s' if len(busy) > 1 else ''} already in use on {host}: {', '.join(busy)}; "
+        raise DeployInputError(f"port{'s' if len(busy) > 1 else ''} already in use on {host}: {', '.join(busy)}; "
                           "stop what uses it, pick others with --port / --node-port, or --port 0 for free ones")
 
 
 def pick_ports(port: int, node_port: int | None, n: int) -> tuple[int, list[int]]:
     """The SuperLink's port and one runtime port per SuperNode, all checked free. ``port`` 0: a free one;
     ``node_port`` None: ``port + 1`` onwards (free ones when ``port`` is 0), 0: free ones."""
+    for opt, value in (("--port", port), ("--node-port", node_port)):
+        if value is not None and not 0 <= value <= 65535:
+            raise DeployInputError(f"{opt} {value}: not a port number (0-65535; 0 picks a free one)")
     sl_port = port or free_ports(1)[0]
     if node_port == 0 or (node_port is None and port == 0):
         node_ports = [p for p in free_ports(n + 1) if p != sl_port][:n]
     else:
         first = node_port if node_port is not None else sl_port + 1
         node_ports = list(range(first, first + n))
+        if node_ports[-1] > 65535:
+            raise DeployInputError(f"--node-port {first}: {n} SuperNode ports from there pass 65535")
     if sl_port in node_ports:
-        raise DeployError(f"SuperLink port {sl_port} overlaps the SuperNode ports {node_ports}")
+        raise DeployInputError(f"SuperLink port {sl_port} overlaps the SuperNode ports {node_ports}")
     check_ports({"SuperLink": sl_port, **{f"SuperNode {i}": p for i, p in enumerate(node_ports)}})
     return sl_port, node_ports
 

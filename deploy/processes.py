@@ -37,14 +37,18 @@ def pid_alive(pid: int, ticks: int | None = None) -> bool:
     return ticks is None or int(st[19]) == ticks
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of ``pid`` (children first), from /proc."""
+def _children() -> dict[int, list[int]]:
+    """Parent PID -> child PIDs of every process, from one pass over /proc."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             st = _stat(int(d.name))
             if st:
                 children.setdefault(int(st[1]), []).append(int(d.name))
+    return children
+
+
+def _below(pid: int, children: Mapping[int, list[int]]) -> list[int]:
     out: list[int] = []
     todo = [pid]
     while todo:
@@ -52,6 +56,33 @@ def descendants(pid: int) -> list[int]:
             out.append(c)
             todo.append(c)
     return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live descendant of ``pid`` (children first), from /proc."""
+    return _below(pid, _children())
+
+
+def process_trees(pids: Iterable[int]) -> dict[int, list[tuple[int, int | None]]]:
+    """For each PID, its live descendants as (pid, start ticks), from one pass over /proc: a snapshot taken
+    while a process runs lets its orphans be found (and stopped) after it died."""
+    children = _children()
+    return {pid: [(d, start_ticks(d)) for d in _below(pid, children)] for pid in pids}
+
+
+def rss_mb(pids: Iterable[int]) -> float:
+    """The summed resident memory (VmRSS) of the live processes among ``pids``, MiB."""
+    total_kb = 0
+    for pid in set(pids):
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+        except OSError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                total_kb += int(line.split()[1])
+                break
+    return total_kb / 1024.0
 
 
 def recorded(processes: Iterable[Mapping[str, Any]]) -> list[tuple[int, int | None]]:

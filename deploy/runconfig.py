@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from deploy.errors import DeployError
+from deploy.errors import DeployError, DeployInputError
 
 
 def resolve_run_config(scenario: str | None = None, nodes: int | None = None, rounds: int | None = None,
@@ -23,7 +23,7 @@ def resolve_run_config(scenario: str | None = None, nodes: int | None = None, ro
     cli: dict[str, Any] = dict(extra or {})
     if nodes is not None:
         if nodes < 1:
-            raise DeployError(f"--nodes {nodes}: need at least one SuperNode")
+            raise DeployInputError(f"--nodes {nodes}: need at least one SuperNode")
         cli["partition.num-clients"] = nodes
     if rounds is not None:
         cli["server.num-rounds"] = rounds

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.certs import CertPaths
-from deploy.errors import DeployError
+from deploy.errors import DeployError, DeployInputError
 
 STATE_FILE = "deployment.json"
 MARKER = "fedrank-deploy"
@@ -90,11 +90,11 @@ class Deployment:
     @classmethod
     def from_json(cls, data: Mapping[str, Any], path: Path) -> Deployment:
         if data.get("marker") != MARKER:
-            raise DeployError(f"{path}: not a fedrank deployment state file")
+            raise DeployInputError(f"{path}: not a fedrank deployment state file")
         try:
             return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
         except TypeError as e:
-            raise DeployError(f"{path}: unreadable deployment state ({e})") from e
+            raise DeployInputError(f"{path}: unreadable deployment state ({e})") from e
 
 
 def read_deployment(layout: Layout) -> Deployment | None:
@@ -104,7 +104,7 @@ def read_deployment(layout: Layout) -> Deployment | None:
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise DeployError(f"{path}: unreadable deployment state ({e})") from e
+        raise DeployInputError(f"{path}: unreadable deployment state ({e})") from e
     return Deployment.from_json(data, path)
 
 

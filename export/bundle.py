@@ -1,9 +1,11 @@
 """``export_bundle``: checkpoint + data -> a validated on-device bundle directory (layout: client/runtime_bundle.py).
 
-Every file is exported into a private staging directory, validated there (export/validate.py), and only when
-every file and the whole pipeline (through the on-device runtime, per backend) pass their bars is the staging
-directory renamed onto the destination -- one atomic rename. Any failure raises (``ExportValidationError`` names
-the file, check, measured value and bar) and leaves no bundle and no staging directory behind.
+Every file is exported into a private staging directory beside the destination, validated there
+(export/validate.py), and only when every file and the whole pipeline (through the on-device runtime, per backend)
+pass their bars is the staging directory swapped into place (:func:`shared_model.outdir.stage_into`: one atomic
+exchange), under a lock on the destination. Any failure or interruption raises (``ExportValidationError`` names
+the file, check, measured value and bar) and leaves no bundle and no staging directory behind; staging left by a
+killed export is removed by the next one.
 
 Precision per file, from ``quantize`` (``int8`` | ``fp16`` | ``none``):
 
@@ -22,7 +24,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -68,6 +69,7 @@ from export.tflite_export import convert_tflite, finalize_tflite, quantize_tflit
 from export.validate import Probe, pipeline_fidelity, torch_reference, validate_onnx, validate_tflite
 from shared_model.head import FusedRankingHead
 from shared_model.head_features import DENSE_DIM, HISTORY_LEN, IMAGE_DIM, SLATE_DENSE_NAMES
+from shared_model.outdir import locked_dir, scratch_dir, stage_into
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +121,13 @@ def export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.Pat
     the feature cache of :func:`shared_model.embedding_cache.feature_cache_dir`). Held-out slates for the pipeline check come from ``data``, else from
     ``catalog`` when it is a data folder, else from the checkpoint's ``run_config["data.dir"]``.
     """
+    with locked_dir(out):  # before the slow part: a second export to ``out`` fails at once
+        return _export_from_checkpoint(checkpoint, out, catalog, data, options)
+
+
+def _export_from_checkpoint(checkpoint: str | os.PathLike[str], out: str | os.PathLike[str],
+                            catalog: str | os.PathLike[str] | None, data: str | os.PathLike[str] | None,
+                            options: ExportOptions | None) -> dict[str, Any]:
     from shared_model.checkpoint import CheckpointError, load_checkpoint
     from shared_model.prepared import prepare
 
@@ -158,35 +167,18 @@ def export_bundle(sources: Sources, out: str | os.PathLike[str], options: Export
     out = Path(out)
     if out.exists() and not opts.overwrite:
         raise ExportError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.staging-", dir=out.parent))
-    os.chmod(staging, 0o755)  # mkdtemp makes it private; a bundle is an ordinary directory
-    work = Path(tempfile.mkdtemp(prefix="fedrank-export-"))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # torch references: more threads than free cores makes OpenMP crawl (measured 50x)
     try:
-        manifest = _build(sources, staging, work, opts)
-        _swap_into_place(staging, out)
+        with locked_dir(out, reentrant=True) as target:
+            if target.exists() and not opts.overwrite:  # written by another export meanwhile
+                raise ExportError(f"{out} exists (pass overwrite=True / --overwrite to replace it)")
+            with stage_into(target) as staging, scratch_dir(target) as work:
+                manifest = _build(sources, staging, work, opts)
         log.info("bundle written to %s", out)
         return manifest
     finally:
         torch.set_num_threads(threads)
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def _swap_into_place(staging: Path, out: Path) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    trash = out.parent / f".{out.name}.old-{os.getpid()}-{time.time_ns()}"
-    os.replace(out, trash)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(trash, out)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ build

@@ -1,12 +1,15 @@
 """``fedrank generate | train | baselines | evaluate | simulate | demo``: registered by :func:`add_commands`.
 
 Handlers parse arguments, call the simulator, the centralized trainers and the experiment runner, and print for
-people; they return an exit code (0 ok, 2 unusable input: one line on stderr naming the file/field).
+people; they return an exit code (0 ok, 2 unusable input or an output folder another command is writing: one line on
+stderr naming the file/field or the holder; the front door turns an interruption into exit 130). Every output folder
+is locked while written (:mod:`shared_model.outdir`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -14,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from shared_model.console import parse_sets, print_table
+from shared_model.outdir import locked_dir
 
 
 def _model_and_train_cfg(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -51,21 +55,47 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.catalog or args.judgments:  # train from a shop's relevance judgments: simulations/judged_training.py
+        return _train_judged(args)
     from shared_model.checkpoint import save_checkpoint
     from shared_model.prepared import prepare
     from shared_model.training import evaluate_model
     from simulations.centralized import train_central
 
-    prep = prepare(args.data)
-    mcfg, tcfg = _model_and_train_cfg(args)
-    model, info = train_central(prep, mcfg, tcfg, epochs=args.epochs, seed=args.seed)
-    metrics = evaluate_model(model, prep.slates("test"), prep.table())
     out = Path(args.out)
-    save_checkpoint(out / "head.pt", model, run_config={"data.dir": str(args.data), "train": vars(tcfg)},
-                    metrics_history=[*info["history"], {"test": metrics}], seeds={"seed": args.seed})
+    with locked_dir(out):  # one writer per output folder; head.pt itself is written atomically
+        prep = prepare(args.data)
+        mcfg, tcfg = _model_and_train_cfg(args)
+        model, info = train_central(prep, mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+        metrics = evaluate_model(model, prep.slates("test"), prep.table())
+        save_checkpoint(out / "head.pt", model, run_config={"data.dir": str(args.data), "train": vars(tcfg)},
+                        metrics_history=[*info["history"], {"test": metrics}], seeds={"seed": args.seed})
     print_table(f"held-out sessions ({args.data})", {"trained head": metrics})
-    print(f"checkpoint: {out / 'head.pt'} ({info['params']} parameters, best epoch {info['best_epoch']} of "
-          f"{info['epochs_run']}, {info['seconds']:.1f} s)")
+    print(f"checkpoint: {out / 'head.pt'} ({info['params']} parameters, weights of epochs "
+          f"{info['selected_epochs'][0]}-{info['selected_epochs'][1]} of {info['epochs_run']} averaged, {info['seconds']:.1f} s)")
+    return 0
+
+
+def _train_judged(args: argparse.Namespace) -> int:
+    from simulations.judged_training import HEAD, train_from_judgments
+
+    if not (args.catalog and args.judgments):
+        print("fedrank train: --catalog and --judgments go together", file=sys.stderr)
+        return 2
+    mcfg, tcfg = _model_and_train_cfg(args)
+    with locked_dir(Path(args.out)):
+        res = train_from_judgments(args.catalog, args.judgments, args.out, mcfg, tcfg, epochs=args.epochs,
+                                   seed=args.seed, devices=args.devices, rounds=args.rounds,
+                                   local_epochs=args.local_epochs, skip_bad=args.skip_bad, **_judged_options(args))
+    q = res["split"]["queries"]
+    print_table(f"{q['test']} held-out judged queries of {res['num_queries']} ({args.judgments}; trained on "
+                f"{q['train']}, validated on {q['validation']}; gain {res['gain']['formula']})",
+                _for_display(res["rankers"]))
+    for name, info in res["training"].items():
+        if isinstance(info, dict) and "seconds" in info:
+            best = f"best epoch {info['best_epoch']}" if name == HEAD else f"best round {info['best_round']}"
+            print(f"{name}: {res['checkpoints'][name]} ({best}, {info['seconds']:.1f} s)")
+    print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
 
@@ -73,9 +103,10 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     from shared_model.prepared import prepare
     from simulations.centralized import run_baselines
 
-    prep = prepare(args.data)
-    mcfg, tcfg = _model_and_train_cfg(args)
-    res = run_baselines(prep, Path(args.out), mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+    with locked_dir(Path(args.out)):  # results.json is written atomically
+        prep = prepare(args.data)
+        mcfg, tcfg = _model_and_train_cfg(args)
+        res = run_baselines(prep, Path(args.out), mcfg, tcfg, epochs=args.epochs, seed=args.seed)
     print_table(f"held-out sessions, {res['num_test_sessions']} slates ({args.data})", res["rankers"])
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
@@ -94,8 +125,8 @@ def _for_display(rows: dict[str, dict[str, float | None]]) -> dict[str, dict[str
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from simulations.centralized import checkpoint_names, evaluate_all, load_heads
-    from simulations.evaluate import results_bytes
+    from simulations.centralized import checkpoint_names, load_heads
+    from simulations.evaluate import evaluate_data, print_data_table, results_bytes
 
     checkpoints = checkpoint_names(args.checkpoint or [])
     if args.catalog or args.judgments:
@@ -106,8 +137,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         options = _judged_options(args)
         heads = load_heads(list(checkpoints.values()))
-        res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad,
-                                 checkpoints=checkpoints, **options)
+        with locked_dir(Path(args.out)):
+            res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad,
+                                     checkpoints=checkpoints, **options)
         print_table(f"{res['num_queries']} judged queries ({args.judgments}; gain {res['gain']['formula']})",
                     _for_display(res["rankers"]))
         excluded = {k: v for k, v in res["queries_excluded"].items() if v}
@@ -123,12 +155,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from shared_model.schema import atomic_write
 
     heads = load_heads(list(checkpoints.values()))
-    prep = prepare(args.data)
-    results = evaluate_all(prep, heads)
-    print_table(f"held-out sessions ({args.data})", results)
-    if args.out:
-        data = results_bytes({"checkpoints": checkpoints, "rankers": results})
-        atomic_write(Path(args.out) / "results.json", lambda f: f.write(data))
+    with locked_dir(Path(args.out)) if args.out else contextlib.nullcontext(None):
+        prep = prepare(args.data)
+        res = evaluate_data(prep, heads, checkpoints)  # graded metrics if the log has grades, click metrics always
+        print_data_table(f"held-out sessions ({args.data})", res)
+        if args.out:
+            data = results_bytes(res)
+            atomic_write(Path(args.out) / "results.json", lambda f: f.write(data))
     return 0
 
 
@@ -163,7 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cmd_generate(argparse.Namespace(catalog=None, out=args.data, preset=args.preset, seed=args.seed, skip_bad=False))
     prep = prepare(args.data)
     mcfg, tcfg = _model_and_train_cfg(args)
-    base = run_baselines(prep, out / "baselines", mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+    with locked_dir(out / "baselines"):
+        base = run_baselines(prep, out / "baselines", mcfg, tcfg, epochs=args.epochs, seed=args.seed)
     fed = simulate("demo", rounds=args.rounds, out=str(out / "federated"),
                    extra={"data.dir": args.data, "data.preset": args.preset, "data.seed": args.seed}, central=False)
     rows = dict(base["rankers"])
@@ -205,6 +239,16 @@ def add_commands(subparsers: Any) -> None:
     head_opts(t)
     t.add_argument("--text-only", action="store_true", help="text modality only")
     t.add_argument("--naive", action="store_true", help="naive click training (no IPS)")
+    t.add_argument("--catalog", help="train from judgments: a catalog (generic CSV/TSV/JSONL or Kaggle styles.csv)")
+    t.add_argument("--judgments", help="train from judgments: query,item_id,grade rows (split by query)")
+    t.add_argument("--gain", choices=["exp2", "linear"], help="with --judgments: the gain of grades (default exp2)")
+    t.add_argument("--label-map", metavar="FILE_OR_INLINE", help="with --judgments: text label -> grade")
+    t.add_argument("--max-grade", type=float, metavar="G", help="with --judgments: the grade scale's top")
+    t.add_argument("--skip-bad", action="store_true", help="with --judgments: skip and count malformed rows")
+    t.add_argument("--devices", type=int, default=0, metavar="N",
+                   help="with --judgments: also train federated (in-process FedAvg) over N devices")
+    t.add_argument("--rounds", type=int, default=30, help="with --devices: federated rounds at most")
+    t.add_argument("--local-epochs", type=int, default=2, help="with --devices: epochs per device per round")
     b = add("baselines", cmd_baselines, "train every head variant and compare all rankers on held-out sessions")
     head_opts(b)
 

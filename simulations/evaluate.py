@@ -1,4 +1,6 @@
-"""Evaluate rankers on a catalog + relevance-judgments file (the shape of ESCI / product-search sets).
+"""Evaluate rankers on a catalog + relevance-judgments file (the shape of ESCI / product-search sets), or on a data
+folder's held-out sessions (:func:`evaluate_data`: graded metrics when the log has grades, click metrics and
+IPS/SNIPS counterfactual estimates always, with bootstrap intervals; see :mod:`simulations.log_eval`).
 
 Each judged query becomes one slate made of its judged items. The first-stage order the head sees as a dense
 feature is BM25's order over that slate (there is no production system here); items BM25 ties (a query with no
@@ -49,9 +51,12 @@ from shared_model.metrics import (
     relevance_thresholds,
     summarize,
 )
+from shared_model.prepared import TEST_FRAC, Prepared
 from shared_model.schema import Catalog, SessionLog, atomic_write
-from shared_model.training import score_slates
+from shared_model.training import per_list_metrics, ranking_metrics, score_slates
 from simulations.baselines import BM25Ranker, CosineRanker
+from simulations.log_eval import CLICK_COLUMNS, Bootstrap, click_metrics, click_statistics, metric_definitions
+from simulations.log_eval import counts as click_counts
 
 log = logging.getLogger(__name__)
 
@@ -251,3 +256,101 @@ def evaluate_judgments(
     data = json.dumps(ready, indent=2, allow_nan=False).encode()  # already free of NaN: see results_bytes
     atomic_write(out_dir / "results.json", lambda f: f.write(data))
     return ready
+
+
+# ------------------------------------------------------------------------------ held-out sessions of a data folder
+IPS_CLIP = 20.0  # the clip of the click metrics' IPS weights: training's (``train.ips-clip``) default
+DATA_BASELINES = ("production order", "bm25", "cosine")
+
+
+def data_scores(prep: Prepared, heads: Mapping[str, FusedRankingHead], test: Slates) -> dict[str, np.ndarray]:
+    """Scores ``[N, S]`` of every ranker on the held-out slates: the production order (first-stage rank), BM25
+    over the catalog, query-title cosine, then each head (the rows of ``simulations.centralized.evaluate_all``)."""
+    clash = sorted(set(heads) & set(DATA_BASELINES))
+    if clash:
+        raise ValueError(f"head name {clash[0]!r} is a baseline's name; rename its checkpoint")
+    items = test.items.numpy()
+    out = {"production order": -test.slate_dense[..., 0].numpy()}
+    bm25 = BM25Ranker([it.text() for it in prep.catalog.items])
+    out["bm25"] = bm25.score([prep.log.queries[int(prep.log.query[s])] for s in test.session_ids], items)
+    out["cosine"] = CosineRanker(prep.store.text).score(test.query.numpy(), items)
+    table = prep.table()
+    for name, model in heads.items():
+        out[name] = score_slates(model, test, table)
+    return out
+
+
+def evaluate_data(
+    prep: Prepared,
+    heads: Mapping[str, FusedRankingHead],
+    checkpoints: Mapping[str, str] | None = None,
+    boot: Bootstrap | None = None,
+) -> dict[str, Any]:
+    """Every ranker on a data folder's held-out sessions (each shopper's last sessions): graded metrics when the log
+    has grades, click metrics and IPS/SNIPS counterfactual clicks@10 always (:mod:`simulations.log_eval`), each
+    with a paired bootstrap interval. Returns the ``results.json`` payload (``rankers``: metric -> value;
+    ``ci95``: metric -> [low, high])."""
+    boot = boot or Bootstrap()
+    test = prep.slates("test")
+    graded = bool((test.grades.numpy() > 0).any())
+    idx = boot.indices(len(test))
+    rows: dict[str, dict[str, float]] = {}
+    intervals: dict[str, dict[str, list[float]]] = {}
+    counted: dict[str, Any] = {}
+    for name, scores in data_scores(prep, heads, test).items():
+        row: dict[str, float] = {}
+        ci: dict[str, list[float]] = {}
+        if graded:
+            row.update(ranking_metrics(scores, test))
+            ci.update({k: boot.per_list_interval(v, idx) for k, v in per_list_metrics(scores, test).items()})
+        st = click_statistics(scores, test.clicks.numpy(), test.purchases.numpy(), test.positions.numpy(),
+                              test.valid.numpy(), prep.propensities, k=10, clip=IPS_CLIP)
+        point, ci_clicks = click_metrics(st, boot, idx)
+        row.update(point)
+        ci.update(ci_clicks)
+        rows[name], intervals[name] = row, ci
+        counted = click_counts(st)
+    return {
+        "data_dir": str(prep.data_dir),
+        "checkpoints": dict(checkpoints) if checkpoints is not None else dict.fromkeys(heads),
+        "split": {"kind": "per user, by time: each shopper's last sessions held out",
+                  "test_fraction": TEST_FRAC, "train_sessions": len(prep.train_idx)},
+        "num_test_sessions": len(test),
+        "graded": graded,
+        "propensity": {"eta": prep.eta, "propensities": prep.propensities[:10].tolist(),
+                       **{k: v for k, v in getattr(prep, "propensity_info", {}).items()
+                          if k in ("estimator", "estimated_from")}},
+        "click_metrics": metric_definitions(10, IPS_CLIP),
+        "lists_counted": counted,
+        "bootstrap": {"resamples": boot.resamples, "level": boot.level, "seed": boot.seed, "unit": "held-out list",
+                      "paired": True},
+        "rankers": rows,
+        "ci95": intervals,
+    }
+
+
+def print_data_table(title: str, res: dict[str, Any]) -> None:
+    """The table of :func:`evaluate_data`: one row per ranker, each cell the value over ``±`` half the width of its
+    bootstrap interval (exact bounds in ``results.json``)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    columns = [*((NDCG10, MRR, RECALL10) if res["graded"] else ()), *CLICK_COLUMNS]
+    table = Table(title=title, caption=f"± half the {res['bootstrap']['level']:.0%} bootstrap interval "
+                                       f"({res['bootstrap']['resamples']} resamples of the "
+                                       f"{res['num_test_sessions']} held-out lists)")
+    table.add_column("ranker")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, row in res["rankers"].items():
+        cells = []
+        for c in columns:
+            v, (lo, hi) = row.get(c), res["ci95"][name].get(c, [None, None])
+            if v is None or not math.isfinite(v):
+                cells.append("-")
+            elif lo is None or hi is None or not (math.isfinite(lo) and math.isfinite(hi)):
+                cells.append(f"{v:.4f}")
+            else:
+                cells.append(f"{v:.4f}\n±{(hi - lo) / 2:.4f}")
+        table.add_row(name, *cells)
+    Console().print(table)

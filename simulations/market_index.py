@@ -1,6 +1,7 @@
 """Integer view of a catalog for the vectorized simulation: categories, intent attributes, title tokens.
 
-Works over any catalog (generated or imported): intents use the catalog's own categories and attribute columns.
+Works over any catalog (generated or imported): intents use the catalog's own categories and attribute columns
+(derived from the titles by :mod:`simulations.title_intents` when a catalog has none).
 """
 
 from __future__ import annotations
@@ -94,7 +95,8 @@ class CatalogIndex:
         if not cat_names:
             raise ValueError(
                 f"{catalog.source or 'catalog'}: no item has a category; the simulator builds query intents "
-                "from the category column"
+                "from the category column (derive one from the titles first: "
+                "simulations.title_intents.fill_missing_intents, as fedrank generate --catalog does)"
             )
         self.categories = cat_names
         cpos = {c: k for k, c in enumerate(cat_names)}

@@ -19,6 +19,7 @@ __all__ = [
     "PATTERN_SHARES",
     "PRICE_RANGES",
     "SYNONYMS",
+    "TITLE_COLORS",
     "CategorySpec",
 ]
 
@@ -84,3 +85,24 @@ DESC_SENTENCES = ("Comfortable and durable.", "Perfect for everyday use.", "A gr
                   "Designed to last.", "Timeless style.", "Made with attention to detail.")
 #: Order of adjectives in a query (attributes not listed follow, in column order).
 ADJ_ORDER = ("feature", "price_range", "color", "pattern", "material")
+
+#: Colour words looked for in titles when a catalog has no colour column (:mod:`simulations.title_intents`):
+#: phrase (lower case, as title tokens) -> colour value. Two-word phrases are matched before single words;
+#: spelling variants map to one value, distinct shades keep their own name.
+TITLE_COLORS: dict[str, str] = {
+    **{w: w for w in (
+        "black", "white", "blue", "red", "green", "yellow", "pink", "purple", "orange", "grey", "brown", "beige",
+        "navy", "maroon", "cream", "olive", "khaki", "teal", "magenta", "mustard", "lavender", "peach", "turquoise",
+        "burgundy", "mauve", "taupe", "tan", "rust", "copper", "bronze", "gold", "silver", "charcoal", "nude",
+        "coral", "ivory", "indigo", "violet", "lilac", "aqua", "cyan", "fuchsia", "wine", "camel", "mint", "lemon",
+        "crimson", "scarlet", "cobalt", "emerald", "plum", "amber", "tangerine", "onyx", "multicolour", "metallic",
+    )},
+    "gray": "grey", "golden": "gold", "multicolor": "multicolour", "multicoloured": "multicolour",
+    "multicolored": "multicolour",
+    "navy blue": "navy", "off white": "off white", "sea green": "sea green", "lime green": "lime green",
+    "olive green": "olive", "sky blue": "sky blue", "royal blue": "royal blue", "dark blue": "dark blue",
+    "light blue": "light blue", "dark green": "dark green", "light green": "light green", "dark grey": "charcoal",
+    "light grey": "light grey", "grey melange": "grey melange", "turquoise blue": "turquoise",
+    "coffee brown": "coffee brown", "rose gold": "rose gold", "jet black": "black", "snow white": "white",
+    "forest green": "green", "hot pink": "hot pink", "baby pink": "baby pink", "wine red": "wine",
+}

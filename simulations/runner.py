@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from shared_model.config import RunSettings, parse_run_config, resolve_run_config, scenario_layer
+from shared_model.outdir import INTERRUPTED, locked_dir
 from shared_model.prepared import Prepared, prepare
 from shared_model.schema import atomic_write
 from shared_model.shards import ensure_shards
@@ -24,6 +29,34 @@ def ensure_data(settings: RunSettings, progress: bool = True) -> Prepared:
         log.info("no data in %s: generating the %r marketplace", data_dir, settings.data.preset)
         generate_marketplace(data_dir, preset=settings.data.preset, seed=settings.data.seed, progress=progress)
     return prepare(data_dir, progress=progress)
+
+
+class _QuietOnceInterrupted(logging.Filter):
+    """Flower's message threads log every ClientApp actor that Ray stops on an interruption, with its traceback:
+    once the front door got SIGINT/SIGTERM, the one line it prints says it all."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not INTERRUPTED.is_set()
+
+
+@contextlib.contextmanager
+def _interruptible() -> Iterator[None]:
+    """Around ``run_simulation``: SIGTERM stays with the front door's handler (``ray.init`` would replace it with
+    ``sys.exit``), and Flower's logs of the shutdown after an interruption are left out."""
+    import ray._private.utils as ray_utils  # Flower's simulation engine runs on Ray
+
+    quiet = _QuietOnceInterrupted()
+    flwr_log = logging.getLogger("flwr")
+    setter = getattr(ray_utils, "set_sigterm_handler", None)
+    flwr_log.addFilter(quiet)
+    if setter is not None and signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        if setter is not None:
+            ray_utils.set_sigterm_handler = setter
+        flwr_log.removeFilter(quiet)
 
 
 def scenario_config(scenario: str, rounds: int | None = None, out: str | None = None,
@@ -71,7 +104,24 @@ def simulate_config(
     central: bool = True,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Run a complete flat run config in-process with ``flwr.simulation.run_simulation``."""
+    """Run a complete flat run config in-process with ``flwr.simulation.run_simulation``.
+
+    The run folder (``server.out-dir``) is locked for the whole run (a second run into it fails at once with
+    :class:`shared_model.outdir.OutputBusyError`) and written in place: checkpoints every round, ``results.json``
+    at the end. An interruption (``KeyboardInterrupt``) stops Ray's workers and leaves the last checkpoint, from
+    which ``fedrank simulate --resume`` continues.
+    """
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None):
+        # the front door handles SIGTERM: keep Ray's C++ crash handler off it (it prints a stack trace, then the
+        # process aborts while shutting down). Read when Ray is imported, so before that.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
+    settings = parse_run_config(flat)
+    with locked_dir(settings.server.out_dir):  # written in place: it holds the checkpoints a resume starts from
+        return _simulate_locked(flat, settings, scenario, local_only, central, progress)
+
+
+def _simulate_locked(flat: dict[str, Any], settings: RunSettings, scenario: str, local_only: bool, central: bool,
+                     progress: bool) -> dict[str, Any]:
     from flwr.simulation import run_simulation
 
     from client.client_app import make_client_app
@@ -79,11 +129,10 @@ def simulate_config(
     from server.server_app import make_server_app
     from simulations.references import centralized_reference, local_only_reference
 
-    settings = parse_run_config(flat)
     prep = ensure_data(settings, progress)  # here, so that generation and embedding show their progress
     shards = ensure_shards(prep, settings)
     logging.getLogger("flwr").setLevel(logging.WARNING)
-    with PeakTreeMemory() as memory:
+    with PeakTreeMemory() as memory, _interruptible():
         run_simulation(
             server_app=make_server_app(flat, progress=progress),
             client_app=make_client_app(flat),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +36,32 @@ def simulate(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
+
+
+def start(tmp_path: Path, *args: str, log_name: str = "proc", **env: str) -> tuple[subprocess.Popen[bytes], Path]:
+    """``fedrank ARGS`` started in its own session (``os.killpg(proc.pid, ...)`` reaches all its processes);
+    stdout and stderr go to ``tmp_path/<log_name>.out`` / ``.err``. Returns the process and the stderr file."""
+    out, err = tmp_path / f"{log_name}.out", tmp_path / f"{log_name}.err"
+    with open(out, "wb") as fo, open(err, "wb") as fe:
+        proc = subprocess.Popen([str(BIN / "fedrank"), *args], cwd=ROOT, env=process_env(tmp_path / "flwr-home", **env),
+                                stdout=fo, stderr=fe, start_new_session=True)
+    return proc, err
+
+
+def fedrank(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """``fedrank ARGS`` to completion, whatever its exit code."""
+    return subprocess.run([str(BIN / "fedrank"), *args], cwd=ROOT, env=process_env(tmp_path / "flwr-home"),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file under ``folder`` (relative path -> sha256): equal snapshots mean byte-identical folders."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def fedrank_lines(stderr: str) -> list[str]:
+    """The lines fedrank itself printed on stderr (progress bars and library logs left out; a line may follow a
+    progress bar that an interruption left unfinished)."""
+    found = (re.search(r"(?:^|\])(fedrank [a-z]+: .*)$", ln) for ln in stderr.replace("\r", "\n").splitlines())
+    return [m[1] for m in found if m]

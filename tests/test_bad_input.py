@@ -3,7 +3,8 @@
 One row per case, grouped by input: catalogs, session logs (``sessions.npz``), relevance judgments, run configs
 and scenario files, checkpoints, exported bundles (Flower messages: ``test_bad_messages.py``). Each row asserts the exception type and what the message names. The CLI
 rows run ``fedrank`` itself: exit code 2, one error line on stderr, no traceback, and output files absent (or
-untouched when they existed before the failing command).
+untouched when they existed before the failing command); interruptions and concurrent writers:
+``test_interrupts.py``.
 """
 
 from __future__ import annotations
@@ -324,6 +325,17 @@ def _cli_generate(t: Path) -> tuple[list[str], list[Path], list[Path]]:
     return ["generate", "--catalog", str(cat), "--out", str(out), "--preset", "tiny"], [out / "sessions.npz"], [meta]
 
 
+def _cli_generate_foreign_out(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    # the folder is replaced whole: one that fedrank generate did not write is refused, not emptied
+    notes = _write(t / "shop" / "notes.txt", "the shop's own file")
+    return ["generate", "--preset", "tiny", "--out", str(t / "shop")], [t / "shop" / "meta.json"], [notes]
+
+
+def _cli_generate_out_is_file(t: Path) -> tuple[list[str], list[Path], list[Path]]:
+    out = _write(t / "market", "a file, not a folder")
+    return ["generate", "--catalog", str(_csv(t, ROWS)), "--out", str(out), "--preset", "tiny"], [], [out]
+
+
 def _cli_train(t: Path) -> tuple[list[str], list[Path], list[Path]]:
     d = _data_dir(t)
     _write(d / "sessions.npz", _log_file(t / "x").read_bytes()[:200])
@@ -388,6 +400,8 @@ def _cli_rerank_tampered_manifest(t: Path) -> tuple[list[str], list[Path], list[
 
 CLI_CASES = [
     CliCase("generate-bad-catalog", _cli_generate, ("catalog.csv:3", "field 'price'")),
+    CliCase("generate-out-holds-other-files", _cli_generate_foreign_out, ("--out", "notes.txt", "did not write")),
+    CliCase("generate-out-is-a-file", _cli_generate_out_is_file, ("--out", "market", "not a folder")),
     CliCase("train-truncated-log", _cli_train, ("sessions.npz", "not a readable .npz")),
     CliCase("evaluate-bad-judgments", _cli_evaluate, ("judgments.csv:5", "field 'grade'")),
     CliCase("evaluate-garbage-checkpoint", _cli_evaluate_checkpoint, ("garbage.pt", "cannot read checkpoint")),
@@ -422,6 +436,7 @@ def test_cli_prints_one_line_and_exits_2(case: CliCase, tmp_path: Path, capsys: 
     assert not [p for p in absent if p.exists()], "a failing command left output behind"
     assert {p: p.read_bytes() for p in intact} == before, "a failing command changed an existing file"
     assert not list(tmp_path.rglob("*.tmp")), "a temporary file was left behind"
+    assert not [p for pat in (".*.lock", ".*.staging-*") for p in tmp_path.rglob(pat)], "a lock or staging was left"
 
 
 # ids are data, not words: BOM, CRLF, spaces inside ids, blank lines, duplicates (first occurrence wins)

@@ -268,8 +268,76 @@ def test_cli_is_hooked_into_fedrank(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert "nothing to stop" in capsys.readouterr().out
     assert main(["deploy", "certs", "--dir", str(tmp_path / "c")]) == 0
     assert "127.0.0.1, ::1, localhost" in capsys.readouterr().out
-    assert main(["deploy", "status", "--state", str(tmp_path / "none")]) == 1
+    assert main(["deploy", "status", "--state", str(tmp_path / "none")]) == 2
     assert "no deployment here" in capsys.readouterr().err
+
+
+def _bad_deploy_input(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
+    """``fedrank deploy`` arguments that name input the command cannot use, and what the error line names."""
+    state = ["--state", str(tmp_path / "state"), "--flwr-home", str(tmp_path / "home")]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    return {
+        "missing certs folder": (["up", *state, "--port", "0", "--certs", str(tmp_path / "nocerts")],
+                                 "missing TLS files: "),
+        "unknown --set key": (["up", *state, "--port", "0", "--set", "server.no-such-key=1"], "server.no-such-key"),
+        "--set without =": (["up", *state, "--port", "0", "--set", "strategy.name"], "--set 'strategy.name'"),
+        "bad --set value": (["up", *state, "--port", "0", "--set", "server.num-rounds=\"many\""],
+                            "server.num-rounds"),
+        "port out of range": (["up", *state, "--port", "70000"], "--port 70000: not a port number"),
+        "negative node port": (["up", *state, "--port", "0", "--node-port", "-3"], "--node-port -3"),
+        "zero nodes": (["up", *state, "--port", "0", "--nodes", "0"], "--nodes 0"),
+        "foreign state folder": (["up", "--state", str(foreign), "--port", "0"], "not a fedrank deployment folder"),
+        "unknown state folder (status)": (["status", "--state", str(tmp_path / "nowhere")], "no deployment here"),
+        "unknown state folder (run)": (["run", "--state", str(tmp_path / "nowhere")], "no deployment here"),
+        "certs valid for no days": (["certs", "--dir", str(tmp_path / "c0"), "--days", "0"], "--days 0"),
+    }
+
+
+def test_deploy_bad_input_exits_2_with_one_line_naming_it(tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    from fedrank.cli import main
+
+    for label, (args, names) in _bad_deploy_input(tmp_path).items():
+        code = main(["deploy", *args])
+        err = capsys.readouterr().err
+        assert code == 2, (label, err)
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"fedrank deploy {args[0]}: error: "), (label, err)
+        assert names in lines[0], (label, err)
+        assert "Traceback" not in err
+    assert not (tmp_path / "c0").exists()
+    assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
+
+
+def test_deploy_run_needs_resume(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedrank.cli import main
+
+    cfg = tmp_path / "run-config.toml"
+    write_run_config(cfg, {"server.resume": False, "server.out-dir": str(tmp_path / "run")})
+    layout = Layout(tmp_path / "state")
+    layout.root.mkdir()
+    write_deployment(layout, Deployment(id="t", name="fedrank", address="127.0.0.1:1", port=1, flwr_home="",
+                                        certs_dir="", run_config_file=str(cfg), out_dir=str(tmp_path / "run")))
+    assert main(["deploy", "run", "--state", str(layout.root)]) == 2
+    assert "server.resume = false" in capsys.readouterr().err
+
+
+def test_process_trees_and_rss_see_a_process_and_its_child() -> None:
+    from deploy.processes import process_trees, rss_mb
+
+    p = _sleeper()
+    try:
+        tree = process_trees([p.pid])[p.pid]
+        assert [pid for pid, _ in tree] == descendants(p.pid) and len(tree) == 1
+        assert tree[0][1] == start_ticks(tree[0][0])
+        one, both = rss_mb([p.pid]), rss_mb([p.pid, tree[0][0]])
+        assert 1.0 < one < both  # MiB: two Python interpreters
+        assert rss_mb([2**22 + 7]) == 0.0  # no such process
+    finally:
+        stop_processes([(p.pid, None)], grace=2.0)
+        p.wait()
 
 
 # ---------------------------------------------------------------------------- real processes (slow, CI)
