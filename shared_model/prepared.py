@@ -26,6 +26,7 @@ from shared_model.data import ItemTable, Slates, build_slates, split_by_time
 from shared_model.embedding_cache import feature_cache_dir
 from shared_model.features import FeatureStore, build_feature_store, encode_queries
 from shared_model.head_features import MAX_POSITIONS
+from shared_model.logs_io import load_log_extra
 from shared_model.propensity import (
     aggregate_position_counts,
     fit_power_law,
@@ -161,7 +162,9 @@ def prepare(data_dir: str | Path, progress: bool = True, propensity: str = "auto
     store = build_feature_store(catalog, cache, progress=progress)
     query_emb = encode_queries(log_.queries, cache, progress=progress)
     train_idx, test_idx = split_by_time(log_, TEST_FRAC)
-    eta, props, how = estimate_from_log(log_, train_idx, propensity)
+    extra = load_log_extra(data_dir)  # an imported shop log: lists the shopper re-sorted say nothing of position
+    bias_idx = train_idx if extra is None else train_idx[~extra.resorted[train_idx]]
+    eta, props, how = estimate_from_log(log_, bias_idx, propensity)
     info = {"eta": eta, "propensities": props.tolist(), **how}
     atomic_write(data_dir / "propensity.json", lambda f: f.write(json.dumps(info, indent=1).encode()))
     log.info("prepared %s: %d items, %d sessions (%d train / %d test), eta=%.3f (%s)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -271,3 +272,41 @@ def test_parquet_bad_row_is_named_by_row_number(tmp_path: Path) -> None:
     # Assert
     assert (err.value.line, err.value.field) == (2, "items") and "'p7'" in err.value.reason
     assert len(read_logs(path, cat, skip_bad=True).sessions) == 1
+
+
+def test_resorted_lists_are_left_out_of_the_position_bias_estimate(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: an imported log whose first list was re-sorted by the shopper
+    import shared_model.prepared as prepared_mod
+
+    rows = ['u1,s1,100,red shirt,"p0;p1;p2",p1,,,true,ios', 'u1,s1,105,red shirt,"p2;p1;p0",p0,,,false,ios',
+            'u1,s2,200,mug,"p3;p4",p4,,,false,ios', 'u1,s3,300,mug,"p4;p3",,,,false,ios',
+            'u2,a,50,mug,"p3;p4",p3,,,false,web', 'u2,b,60,mug,"p4;p3",p3,,,false,web']
+    out = tmp_path / "data"
+    import_logs(_catalog_csv(tmp_path), _log_csv(tmp_path, rows), out)
+    seen: list[np.ndarray] = []
+
+    def capture(log_: SessionLog, sessions: np.ndarray, estimator: str = "auto") -> tuple[float, np.ndarray, dict]:
+        seen.append(np.asarray(sessions))
+        return 1.0, np.ones(50, np.float32), {"estimator": "captured"}
+
+    monkeypatch.setattr(prepared_mod, "estimate_from_log", capture)
+    monkeypatch.setattr(prepared_mod, "build_feature_store", lambda catalog, *a, **k: synthetic_store(len(catalog)))
+    monkeypatch.setattr(prepared_mod, "encode_queries",
+                        lambda queries, *a, **k: np.zeros((len(queries), 384), np.float32))
+    # Execute
+    prep = prepared_mod.prepare(out, progress=False)
+    # Assert: every training list but the re-sorted one (list 0) reaches the estimator
+    extra = load_log_extra(out)
+    assert extra is not None
+    want = [int(s) for s in prep.train_idx if not extra.resorted[s]]
+    assert extra.resorted.tolist() == [True, False, False, False, False, False]
+    assert 0 in prep.train_idx.tolist()  # the re-sorted list is a training list...
+    assert seen[0].tolist() == want and 0 not in want and len(want) >= 2  # ...that the estimator never sees
+
+
+def synthetic_store(n: int) -> Any:
+    from shared_model.features import FeatureStore
+
+    return FeatureStore(item_ids=[f"p{k}" for k in range(n)], text=np.zeros((n, 384)), image=np.zeros((n, 1280)),
+                        video=np.zeros((n, 1280)), mask=np.zeros((n, 3), bool), dense=np.zeros((n, 4)))
