@@ -27,7 +27,7 @@ from deploy.certs import CertError, CertPaths, NodeKey, check_certs, generate_ce
 from deploy.errors import DeployError, DeployInputError
 from deploy.flwr_cli import write_connection
 from deploy.launch import start
-from deploy.ports import DEFAULT_PORT, HOST, pick_ports
+from deploy.ports import DEFAULT_PORT, HOST, check_port_numbers, pick_ports
 from deploy.processes import pid_alive, recorded, running, stop_processes
 from deploy.runconfig import prepare_shards, resolve_run_config, run_config_overrides, write_run_config
 from deploy.state import STATE_FILE, Deployment, Layout, locked, read_deployment, write_deployment
@@ -101,6 +101,7 @@ def _tls_and_keys(opts: UpOptions, layout: Layout, certs: CertPaths, n: int) -> 
 def up(opts: UpOptions) -> Deployment:
     """Start the deployment described by ``opts``; returns what ``deployment.json`` records."""
     layout = Layout(opts.state.resolve())
+    check_port_numbers(opts.port, opts.node_port)  # before anything is written
     _check_not_foreign(layout)
     with locked(layout):
         prev = _check_state_folder(layout, opts.name)

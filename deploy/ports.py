@@ -47,12 +47,17 @@ def check_ports(ports: Mapping[str, int], host: str = HOST) -> None:
                           "stop what uses it, pick others with --port / --node-port, or --port 0 for free ones")
 
 
-def pick_ports(port: int, node_port: int | None, n: int) -> tuple[int, list[int]]:
-    """The SuperLink's port and one runtime port per SuperNode, all checked free. ``port`` 0: a free one;
-    ``node_port`` None: ``port + 1`` onwards (free ones when ``port`` is 0), 0: free ones."""
+def check_port_numbers(port: int, node_port: int | None) -> None:
+    """``--port`` / ``--node-port`` within 0-65535 (0: a free one)."""
     for opt, value in (("--port", port), ("--node-port", node_port)):
         if value is not None and not 0 <= value <= 65535:
             raise DeployInputError(f"{opt} {value}: not a port number (0-65535; 0 picks a free one)")
+
+
+def pick_ports(port: int, node_port: int | None, n: int) -> tuple[int, list[int]]:
+    """The SuperLink's port and one runtime port per SuperNode, all checked free. ``port`` 0: a free one;
+    ``node_port`` None: ``port + 1`` onwards (free ones when ``port`` is 0), 0: free ones."""
+    check_port_numbers(port, node_port)
     sl_port = port or free_ports(1)[0]
     if node_port == 0 or (node_port is None and port == 0):
         node_ports = [p for p in free_ports(n + 1) if p != sl_port][:n]

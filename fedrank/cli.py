@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulation_commands(sub)  # generate, train, baselines, evaluate, simulate, demo
     add_log_commands(sub)  # import-logs, export-logs
     add_export_commands(sub)  # export, rerank, bench
-    add_deploy_commands(sub)  # deploy certs | up | down | status
+    add_deploy_commands(sub)  # deploy certs | up | down | status | run
     return p
 
 

@@ -138,18 +138,28 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         options = _judged_options(args)
         heads = load_heads(list(checkpoints.values()))
         with locked_dir(Path(args.out)):
+            ltr_data = None
+            if args.ltr_data:
+                from shared_model.prepared import prepare
+
+                ltr_data = prepare(args.ltr_data)
             res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad,
-                                     checkpoints=checkpoints, **options)
+                                     checkpoints=checkpoints, ltr_data=ltr_data, ltr_judgments=args.ltr_judgments,
+                                     seed=args.seed, **options)
         print_table(f"{res['num_queries']} judged queries ({args.judgments}; gain {res['gain']['formula']})",
                     _for_display(res["rankers"]))
         excluded = {k: v for k, v in res["queries_excluded"].items() if v}
         if excluded:
             print(f"queries left out (no relevant item for the metric): {json.dumps(excluded)}")
+        if "held_out" in res:
+            held = res["held_out"]
+            print_table(f"the {held['num_queries']} held-out test queries (split seed {args.seed}): every ranker, "
+                        "with LightGBM trained on the other queries' judgments", _for_display(held["rankers"]))
         print(f"results: {Path(args.out) / 'results.json'}")
         return 0
-    if args.gain or args.label_map or args.max_grade is not None:
-        print("fedrank evaluate: --gain, --label-map and --max-grade go with --catalog and --judgments",
-              file=sys.stderr)
+    if args.gain or args.label_map or args.max_grade is not None or args.ltr_data or args.ltr_judgments:
+        print("fedrank evaluate: --gain, --label-map, --max-grade, --ltr-data and --ltr-judgments go with --catalog "
+              "and --judgments", file=sys.stderr)
         return 2
     from shared_model.prepared import prepare
     from shared_model.schema import atomic_write
@@ -264,6 +274,12 @@ def add_commands(subparsers: Any) -> None:
                    help="text label -> grade, e.g. 'E=3,S=2,C=1,I=0' (the default) or a .json/.toml file")
     e.add_argument("--max-grade", type=float, metavar="G",
                    help="the grade scale's top (grades above are errors); default: the largest grade judged")
+    e.add_argument("--ltr-data", metavar="DATA",
+                   help="with --judgments: add LightGBM LambdaRank trained on DATA's clicks (IPS) to the table")
+    e.add_argument("--ltr-judgments", action="store_true",
+                   help="with --judgments: add LightGBM trained on the judgments (query split; every ranker is then "
+                        "also reported on the held-out test queries)")
+    e.add_argument("--seed", type=int, default=0, help="with --ltr-*: LightGBM's seed and the query split's")
 
     sm = add("simulate", cmd_simulate, "run a federated scenario through Flower's simulation engine")
     sm.add_argument("--scenario", help="name in simulations/scenarios/ or a .toml path")

@@ -12,6 +12,12 @@ Grades may be decimal and on any scale (see :mod:`shared_model.judgments_io`). N
 of the scale's top grade (the largest grade in the judgments unless ``max_grade`` declares the scale). A metric
 that no judged query defines is ``null`` in ``results.json``, and every metric states how many queries it leaves
 out. ``results.json`` is strict JSON (no NaN).
+
+The learning-to-rank baseline (:mod:`simulations.ltr`, LightGBM LambdaRank over the features the head gets), when
+asked: trained on a data folder's clicks with IPS gains (``ltr_data``), it scores every judged query beside BM25,
+cosine and the heads; trained on the judgments themselves (``ltr_judgments``), it can only be scored on queries it
+never saw, so the queries are split (grouped, seeded) and a separate ``held_out`` section scores every ranker on
+the test queries. The fitted models are saved beside ``results.json``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -38,7 +44,7 @@ from shared_model.catalog_io import (
 from shared_model.catalog_rows import ITEM_ID_ALIASES
 from shared_model.data import ItemTable, Slates, build_slates
 from shared_model.embedding_cache import feature_cache_dir
-from shared_model.features import build_feature_store, encode_queries
+from shared_model.features import FeatureStore, build_feature_store, encode_queries
 from shared_model.head import FusedRankingHead
 from shared_model.metrics import (
     GAINS,
@@ -58,9 +64,21 @@ from simulations.baselines import BM25Ranker, CosineRanker
 from simulations.log_eval import CLICK_COLUMNS, Bootstrap, click_metrics, click_statistics, metric_definitions
 from simulations.log_eval import counts as click_counts
 
+try:  # LightGBM LambdaRank (simulations/ltr.py): its rows need lightgbm; everything else runs without it
+    from simulations import ltr as _ltr
+except ImportError:  # pragma: no cover
+    _ltr = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from simulations.ltr import LtrConfig
+
 log = logging.getLogger(__name__)
 
 BASELINE_RANKERS = ("bm25", "cosine")
+LTR_CLICKS = "lightgbm lambdarank (IPS clicks)"  # trained on a data folder's clicks (`fedrank baselines`' row name)
+LTR_JUDGED = "lightgbm lambdarank (judgments)"  # trained on the judged training queries; held-out queries only
+LTR_RANKERS = (LTR_CLICKS, LTR_JUDGED)
+LTR_VAL_FRAC = 0.1  # each shopper's last sessions for early stopping, as ``centralized.VAL_FRAC``
 GAIN_FORMULAS = {"exp2": "2**grade - 1", "linear": "grade"}
 
 
@@ -181,6 +199,12 @@ def _load_judgments(
     return judgments, report.labels
 
 
+def _require_lightgbm() -> Any:
+    if _ltr is None:
+        raise JudgmentsError("the LightGBM rows need the lightgbm package (pip install lightgbm)")
+    return _ltr
+
+
 def evaluate_judgments(
     catalog_path: str | Path,
     judgments_path: str | Path,
@@ -192,17 +216,21 @@ def evaluate_judgments(
     label_map: LabelMap | None = None,
     max_grade: float | None = None,
     checkpoints: Mapping[str, str] | None = None,
+    ltr_data: Prepared | None = None,
+    ltr_judgments: bool = False,
+    ltr_config: LtrConfig | None = None,
+    seed: int = 0,
 ) -> dict[str, Any]:
-    """Score BM25, cosine and every head; write ``out_dir/results.json`` and return what it holds.
+    """Score BM25, cosine, LightGBM (when asked) and every head; write ``out_dir/results.json`` and return it.
 
     Parameters
     ----------
     catalog_path, judgments_path : str or Path
         The catalog (any layout :func:`shared_model.catalog_io.load_catalog` reads) and its judgments.
     heads : dict[str, FusedRankingHead]
-        Trained heads by ranker name (unique, not ``bm25``/``cosine``).
+        Trained heads by ranker name (unique, not a baseline's name).
     out_dir : str or Path
-        Where ``results.json`` goes (written atomically).
+        Where ``results.json`` (written atomically) and the LightGBM models (``lightgbm_*.json``) go.
     skip_bad : bool
         Skip and count malformed catalog/judgment rows.
     gain : {"exp2", "linear"}
@@ -213,12 +241,27 @@ def evaluate_judgments(
         The scale's top grade (grades above it are errors); default: the largest grade judged.
     checkpoints : mapping of str to str, optional
         Ranker name -> checkpoint path, reported in ``results.json``.
+    ltr_data : Prepared, optional
+        A data folder whose training sessions' clicks train LightGBM LambdaRank with IPS gains
+        (:func:`simulations.ltr.fit_prepared`); the row ``LTR_CLICKS`` then scores every judged query, beside the
+        other rankers.
+    ltr_judgments : bool
+        Also train LightGBM on the judgments themselves (:meth:`simulations.ltr.LambdaRankRanker.fit_judged`): the
+        queries are split into train / validation / test (:func:`simulations.judged_training.split_queries`,
+        ``seed``; the split ``fedrank train --judgments --seed`` makes). It is scored on the test queries only, so
+        ``results.json`` gets a ``held_out`` section where **every** ranker is scored again on those test queries;
+        the main ``rankers`` table (every query) never holds it.
+    ltr_config : LtrConfig, optional
+        LightGBM's settings (default ``LtrConfig(seed=seed)``).
+    seed : int
+        LightGBM's seed and the seed of the query split.
     """
     if gain not in GAINS:
         raise ValueError(f"gain must be one of {GAINS}, got {gain!r}")
-    clash = sorted(set(heads) & set(BASELINE_RANKERS))
+    clash = sorted(set(heads) & {*BASELINE_RANKERS, *LTR_RANKERS})
     if clash:
         raise ValueError(f"head name {clash[0]!r} is a baseline's name; rename its checkpoint")
+    ltr = _require_lightgbm() if ltr_data is not None or ltr_judgments else None
     out_dir = Path(out_dir)
     labels = label_map or DEFAULT_LABEL_MAP
     catalog = load_catalog(catalog_path, skip_bad=skip_bad)
@@ -233,14 +276,25 @@ def evaluate_judgments(
     prices = np.array([it.price for it in catalog.items], np.float64)
     slates = build_slates(sessions, query_emb, prices)
     items = slates.items.numpy()
-    per_query = {
-        "bm25": judged_metrics(bm25.score(sessions.queries, items), slates, scale),
-        "cosine": judged_metrics(CosineRanker(store.text).score(query_emb, items), slates, scale),
-    }
+    scores = {"bm25": bm25.score(sessions.queries, items), "cosine": CosineRanker(store.text).score(query_emb, items)}
+    models: dict[str, Any] = {}  # LightGBM ranker name -> the fitted ranker
+    training: dict[str, Any] = {}
+    if ltr is not None and ltr_data is not None:
+        models[LTR_CLICKS], info = ltr.fit_prepared(ltr_data, ltr_config or ltr.LtrConfig(seed=seed), LTR_VAL_FRAC)
+        training[LTR_CLICKS] = {"trained_on": f"the clicks of {ltr_data.data_dir} (training sessions, IPS gains)",
+                                **info}
+        scores[LTR_CLICKS] = ltr.score_judged_slates(models[LTR_CLICKS], sessions, slates, store, bm25)
     table = ItemTable.from_store(store)
     for name, model in heads.items():
-        per_query[name] = judged_metrics(score_slates(model, slates, table), slates, scale)
+        scores[name] = score_slates(model, slates, table)
+    per_query = {name: judged_metrics(s, slates, scale) for name, s in scores.items()}
     counted = count_defined(per_query["bm25"])  # depends on the grades only: the same for every ranker
+    held_out = None
+    if ltr is not None and ltr_judgments:
+        held_out = _held_out_judged(ltr, ltr_config or ltr.LtrConfig(seed=seed), sessions, slates, store, bm25,
+                                    scale, per_query, models, training, seed, str(judgments_path))
+    for name, ranker in models.items():
+        ranker.save(out_dir / ltr_file_name(name))
     payload = {
         "catalog": str(catalog_path), "judgments": str(judgments_path),
         "num_queries": len(sessions), "num_judgments": len(judgments),
@@ -251,11 +305,56 @@ def evaluate_judgments(
         "queries_excluded": {k: len(sessions) - v for k, v in counted.items()},
         "checkpoints": dict(checkpoints) if checkpoints is not None else dict.fromkeys(heads),
         "rankers": {name: summarize(v) for name, v in per_query.items()},
+        **({"held_out": held_out} if held_out is not None else {}),
+        **({"lightgbm": {name: {**info, "model": ltr_file_name(name)} for name, info in training.items()}}
+           if training else {}),
     }
     ready: dict[str, Any] = json_ready(payload)
     data = json.dumps(ready, indent=2, allow_nan=False).encode()  # already free of NaN: see results_bytes
     atomic_write(out_dir / "results.json", lambda f: f.write(data))
     return ready
+
+
+def ltr_file_name(name: str) -> str:
+    """The file a LightGBM ranker of the table is saved to (``LambdaRankRanker.load`` reads it)."""
+    return name.replace(" ", "_").replace("(", "").replace(")", "") + ".json"
+
+
+def _held_out_judged(
+    ltr: Any, cfg: LtrConfig, sessions: SessionLog, slates: Slates, store: FeatureStore, bm25: BM25Ranker,
+    scale: GradeScale, per_query: dict[str, dict[str, np.ndarray]], models: dict[str, Any],
+    training: dict[str, Any], seed: int, source: str,
+) -> dict[str, Any]:
+    """LightGBM trained on the judged training queries (early stopping on the validation ones), and every ranker of
+    ``per_query`` with it on the test queries: the ``held_out`` section of ``results.json``. Adds the fitted ranker
+    to ``models`` and its fit summary to ``training``."""
+    from simulations import judged_training as jt  # imported here: it imports this module
+
+    split = jt.split_queries(sessions.queries, seed)
+    if min(len(split[k]) for k in jt.SPLITS) == 0:
+        raise JudgmentsError(f"{source}: {len(sessions)} distinct queries; LightGBM on judgments needs at least 3 "
+                             "(train, validation and test)")
+    fit, val, test = (slates.select(split[k]) for k in jt.SPLITS)
+    ranker = ltr.LambdaRankRanker(ltr.judged_config(cfg, int(fit.valid.sum())))
+    info = ranker.fit_judged(fit, ltr.slate_queries(sessions, fit), val, ltr.slate_queries(sessions, val), store,
+                             bm25, scale.gain)
+    models[LTR_JUDGED] = ranker
+    training[LTR_JUDGED] = {"trained_on": f"the judged training queries of {source} (grades' gains)", **info}
+    idx = split["test"]
+    rows = {name: {m: v[idx] for m, v in metrics.items()} for name, metrics in per_query.items()}
+    rows[LTR_JUDGED] = judged_metrics(ltr.score_judged_slates(ranker, sessions, test, store, bm25), test, scale)
+    counted = count_defined(rows["bm25"])
+    return {
+        "why": f"{LTR_JUDGED} learns from these judgments, so it and every other ranker are scored on the held-out "
+               "test queries only",
+        "split": {"seed": seed, "unit": "query (equal up to case and blanks: one group)",
+                  "validation_fraction": jt.VAL_FRAC, "test_fraction": jt.TEST_FRAC,
+                  "queries": {k: len(split[k]) for k in jt.SPLITS}},
+        "num_queries": len(idx),
+        "queries_counted": counted,
+        "queries_excluded": {k: len(idx) - v for k, v in counted.items()},
+        "rankers": {name: summarize(v) for name, v in rows.items()},
+    }
 
 
 # ------------------------------------------------------------------------------ held-out sessions of a data folder

@@ -30,6 +30,12 @@ shopper's are held out exactly as ``centralized.train_central`` does) and never 
 ``"none"``
     Naive clicks.
 
+Trained on relevance judgments instead (:meth:`LambdaRankRanker.fit_judged`, ``fedrank evaluate --judgments
+--ltr-judgments``): the labels are the grades' gains (``2**g - 1`` or ``g``, decimal grades too) encoded as
+``label_gain`` the same way, with no weights (judgments have no position bias), and early stopping keeps the round
+with the best judged NDCG@10 of the validation queries; :func:`judged_config` loosens ``min_data_in_leaf`` for a
+judgments file's few rows.
+
 ``objective="binary"`` is the pointwise variant: click / no click with the ``"rows"`` weights. Every fit is
 deterministic (``deterministic``, ``force_row_wise``, a fixed ``seed`` and ``num_threads``).
 """
@@ -39,8 +45,8 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +58,7 @@ from shared_model.data import Slates
 from shared_model.features import FeatureStore
 from shared_model.head_features import ITEM_DENSE_NAMES, SLATE_DENSE_NAMES, head_dense, user_context
 from shared_model.losses import ips_weights
+from shared_model.metrics import ndcg_at_k
 from shared_model.prepared import Prepared
 from shared_model.schema import SessionLog, atomic_write
 from shared_model.training import ips_click_dcg
@@ -63,6 +70,7 @@ FORMAT = "fedrank-lightgbm-ranker/1"
 IPS_MODES = ("gain", "rows", "position", "none")
 OBJECTIVES = ("lambdarank", "binary")
 VAL_METRIC = "val_ips_dcg@10"
+JUDGED_VAL_METRIC = "val_ndcg@10"  # judged NDCG@10 of the validation queries (:meth:`LambdaRankRanker.fit_judged`)
 BASE_FEATURES = (
     "query_title_cosine", "bm25", *ITEM_DENSE_NAMES, *SLATE_DENSE_NAMES, "has_image", "has_video",
     "user_text_cosine", "user_image_cosine", "has_history",
@@ -249,6 +257,30 @@ def ips_gain_encoding(labels: np.ndarray, weights: np.ndarray, valid: np.ndarray
 TRUNCATION = 30  # LightGBM's default lambdarank_truncation_level, set explicitly
 
 
+def grade_gains(grades: np.ndarray, gain: str) -> np.ndarray:
+    """NDCG's gain of each grade [N, S]: ``2**g - 1`` (``exp2``) or ``g`` (``linear``), as float64."""
+    g = np.asarray(grades, np.float64)
+    if gain == "exp2":
+        return np.exp2(g) - 1.0
+    if gain == "linear":
+        return g
+    raise ValueError(f"gain must be 'exp2' or 'linear', got {gain!r}")
+
+
+def gain_labels(gains: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, list[float]]:
+    """Graded gains [N, S] (>= 0) as LightGBM lambdarank labels: (int labels [N, S], the ranks of the distinct
+    gains, 0 at padding; ``label_gain`` [G] ascending, starting at 0), so that ``label_gain[label] == gain``."""
+    g = np.where(valid, np.asarray(gains, np.float64), 0.0)
+    table = np.unique(np.concatenate([[0.0], g.ravel()]))  # ascending, 0 first
+    return np.searchsorted(table, g).astype(np.int64), table.tolist()
+
+
+def judged_config(base: LtrConfig, fit_rows: int) -> LtrConfig:
+    """``base`` for a judgments file, usually far smaller than a click log: ``min_data_in_leaf`` becomes
+    ``fit_rows // 20`` clipped to [5, base.min_data_in_leaf] so that trees can split at all."""
+    return replace(base, min_data_in_leaf=int(np.clip(fit_rows // 20, 5, max(5, base.min_data_in_leaf))))
+
+
 def training_targets(fit: Slates, cfg: LtrConfig, propensities: torch.Tensor
                      ) -> tuple[np.ndarray, list[float] | None, np.ndarray | None]:
     """LightGBM's labels [R], ``label_gain`` (lambdarank) and row weights [R] (or None) for the R real
@@ -331,18 +363,64 @@ class LambdaRankRanker:
             scores[vvalid] = preds
             return VAL_METRIC, ips_click_dcg(scores, val, props), True
 
+        info = self._boost(label_gain, train, vset, VAL_METRIC, val_ips_dcg, t0)
+        info.update(fit_rows=int(valid.sum()), fit_sessions=len(fit))
+        log.info("lightgbm %s (ips=%s): %d rounds, best %d, validation IPS-DCG@10 %.4f, %.1f s", c.objective, c.ips,
+                 info["rounds_run"], info["best_iteration"], info[VAL_METRIC], info["seconds"])
+        return info
+
+    def _boost(self, label_gain: list[float] | None, train: lgb.Dataset, vset: lgb.Dataset, metric: str,
+               feval: Callable[[np.ndarray, lgb.Dataset], tuple[str, float, bool]], t0: float) -> dict[str, Any]:
+        """Boost until ``metric`` (``feval`` on ``vset``, higher is better) stops improving; keep its best round."""
+        c = self.config
         history: dict[str, Any] = {}
         booster = lgb.train(self._params(label_gain), train, num_boost_round=c.max_rounds, valid_sets=[vset],
-                            valid_names=["val"], feval=val_ips_dcg,
+                            valid_names=["val"], feval=feval,
                             callbacks=[lgb.early_stopping(c.early_stopping, verbose=False),
                                        lgb.record_evaluation(history)])
         self.booster, self.best_iteration = booster, int(booster.best_iteration or booster.current_iteration())
-        curve = history["val"][VAL_METRIC]
-        info = {"seconds": time.perf_counter() - t0, "best_iteration": self.best_iteration, "rounds_run": len(curve),
-                VAL_METRIC: float(curve[self.best_iteration - 1]), "fit_rows": int(valid.sum()),
-                "fit_sessions": len(fit), "config": asdict(c), "val_curve": [round(float(v), 5) for v in curve]}
-        log.info("lightgbm %s (ips=%s): %d rounds, best %d, validation IPS-DCG@10 %.4f, %.1f s", c.objective, c.ips,
-                 info["rounds_run"], info["best_iteration"], info[VAL_METRIC], info["seconds"])
+        curve = history["val"][metric]
+        return {"seconds": time.perf_counter() - t0, "best_iteration": self.best_iteration, "rounds_run": len(curve),
+                metric: float(curve[self.best_iteration - 1]), "config": asdict(c),
+                "val_curve": [round(float(v), 5) for v in curve]}
+
+    def fit_judged(self, fit: Slates, fit_queries: Sequence[str], val: Slates, val_queries: Sequence[str],
+                   store: FeatureStore, bm25: BM25Ranker, gain: str) -> dict[str, Any]:
+        """Boost on ``fit``'s graded judgments (``grades`` [N, S]); keep the round with the best judged NDCG@10 of
+        ``val``. Labels are the grades' gains (``gain``: ``exp2`` = ``2**g - 1`` or ``linear`` = ``g``) through
+        :func:`gain_labels`, unweighted: LightGBM's per-query 1 / ideal DCG then makes the objective NDCG itself.
+        Queries without a positive grade have no pair to learn from and are left out of ``fit``.
+
+        Returns ``{"seconds", "best_iteration", "rounds_run", JUDGED_VAL_METRIC, "fit_rows", "fit_queries"}``.
+        """
+        c = self.config
+        if c.objective != "lambdarank":
+            raise ValueError(f"fit_judged needs the lambdarank objective, got {c.objective!r}")
+        t0 = time.perf_counter()
+        self.projection = ItemProjection.fit(store, fit.items.numpy()[fit.valid.numpy()], c)
+        keep = np.flatnonzero(((fit.grades.numpy() > 0) & fit.valid.numpy()).any(1))
+        if len(keep) == 0:
+            raise ValueError("fit_judged: no training query has a positive grade")
+        fit, fit_queries = fit.select(keep), [fit_queries[int(i)] for i in keep]
+        valid = fit.valid.numpy()  # [N, S]
+        labels, label_gain = gain_labels(grade_gains(fit.grades.numpy(), gain), valid)
+        train = lgb.Dataset(self._rows(fit, fit_queries, store, bm25), label=labels[valid], group=valid.sum(1),
+                            feature_name=feature_names(c))
+        vvalid = val.valid.numpy()  # [Nv, S]
+        vgrades = val.grades.numpy().astype(np.float64)  # [Nv, S]; the labels below are only placeholders
+        vset = lgb.Dataset(self._rows(val, val_queries, store, bm25), label=(vgrades > 0)[vvalid].astype(np.int64),
+                           reference=train, group=vvalid.sum(1))
+
+        def val_ndcg(preds: np.ndarray, _: lgb.Dataset) -> tuple[str, float, bool]:
+            scores = np.full(vvalid.shape, -1e9)
+            scores[vvalid] = preds
+            per = ndcg_at_k(scores, vgrades, vvalid, k=10, gain=gain)  # [Nv], NaN without a positive grade
+            return JUDGED_VAL_METRIC, float(np.nanmean(per)) if np.isfinite(per).any() else 0.0, True
+
+        info = self._boost(label_gain, train, vset, JUDGED_VAL_METRIC, val_ndcg, t0)
+        info.update(fit_rows=int(valid.sum()), fit_queries=len(fit))
+        log.info("lightgbm lambdarank on judgments: %d rounds, best %d, validation NDCG@10 %.4f, %.1f s",
+                 info["rounds_run"], info["best_iteration"], info[JUDGED_VAL_METRIC], info["seconds"])
         return info
 
     def score(self, slates: Slates, queries: Sequence[str], store: FeatureStore, bm25: BM25Ranker) -> np.ndarray:

@@ -285,7 +285,8 @@ def _bad_deploy_input(tmp_path: Path) -> dict[str, tuple[list[str], str]]:
         "--set without =": (["up", *state, "--port", "0", "--set", "strategy.name"], "--set 'strategy.name'"),
         "bad --set value": (["up", *state, "--port", "0", "--set", "server.num-rounds=\"many\""],
                             "server.num-rounds"),
-        "port out of range": (["up", *state, "--port", "70000"], "--port 70000: not a port number"),
+        "port out of range": (["up", "--state", str(tmp_path / "state" / "deploy-bad-port"), "--port", "70000"],
+                              "--port 70000: not a port number"),
         "negative node port": (["up", *state, "--port", "0", "--node-port", "-3"], "--node-port -3"),
         "zero nodes": (["up", *state, "--port", "0", "--nodes", "0"], "--nodes 0"),
         "foreign state folder": (["up", "--state", str(foreign), "--port", "0"], "not a fedrank deployment folder"),
@@ -308,6 +309,7 @@ def test_deploy_bad_input_exits_2_with_one_line_naming_it(tmp_path: Path,
         assert names in lines[0], (label, err)
         assert "Traceback" not in err
     assert not (tmp_path / "c0").exists()
+    assert not (tmp_path / "state" / "deploy-bad-port").exists()
     assert [p.name for p in (tmp_path / "foreign").iterdir()] == ["notes.txt"]
 
 
