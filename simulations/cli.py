@@ -93,7 +93,8 @@ def _train_judged(args: argparse.Namespace) -> int:
                 _for_display(res["rankers"]))
     for name, info in res["training"].items():
         if isinstance(info, dict) and "seconds" in info:
-            best = f"best epoch {info['best_epoch']}" if name == HEAD else f"best round {info['best_round']}"
+            best = (f"best epoch {info['best_epoch']}" if name == HEAD else f"best round {info['best_round']} of "
+                    f"{info['rounds_run']}; Flower run {info['run_dir']}, data folder {info['data_dir']}")
             print(f"{name}: {res['checkpoints'][name]} ({best}, {info['seconds']:.1f} s)")
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
@@ -256,7 +257,8 @@ def add_commands(subparsers: Any) -> None:
     t.add_argument("--max-grade", type=float, metavar="G", help="with --judgments: the grade scale's top")
     t.add_argument("--skip-bad", action="store_true", help="with --judgments: skip and count malformed rows")
     t.add_argument("--devices", type=int, default=0, metavar="N",
-                   help="with --judgments: also train federated (in-process FedAvg) over N devices")
+                   help="with --judgments: also train federated over N devices through Flower's simulation engine "
+                        "(scenario 'judged'; writes OUT/data and OUT/federated)")
     t.add_argument("--rounds", type=int, default=30, help="with --devices: federated rounds at most")
     t.add_argument("--local-epochs", type=int, default=2, help="with --devices: epochs per device per round")
     b = add("baselines", cmd_baselines, "train every head variant and compare all rankers on held-out sessions")

@@ -16,13 +16,17 @@ so they get ``y = log2(1 + gain)`` and optimise the chosen gain exactly (see :fu
 Central training (:func:`train_judged`) runs :func:`shared_model.training.train_epochs` one epoch at a time and
 keeps the epoch with the best validation judged NDCG@10 (stopping after ``patience`` epochs without a gain).
 
-Federated (:func:`federated_judged`): **an in-process FedAvg simulation, without Flower**. The training queries
-are dealt to ``num_devices`` devices (:func:`partition_queries`, seeded; each device holds only its own share);
-every round each device starts from the global weights, runs ``local_epochs`` of the same
-:func:`shared_model.training.train_epochs` on its own slates, and the server averages the weights by number of
-queries (FedAvg). The validation queries stay with the server (the shop's own held-out judgments, like Flower's
-central evaluation), which keeps the best round. Flower's ServerApp/ClientApp read click-log shards of a data
-folder (per-shopper sessions, IPS-weighted clicks), so judged training does not go through them yet.
+Federated (:func:`federated_flower`): **through Flower's simulation engine**, with the project's own ServerApp
+and ClientApp (``fedrank simulate``'s :func:`simulations.runner.simulate`, scenario ``simulations/scenarios/
+judged.toml``). :func:`simulations.judged_data.write_judged_data` writes ``OUT/data``: the training queries dealt to
+``num_devices`` devices (one user id each, ``natural`` partition; each device holds only its own share), their
+labels in ``clicks``, and as each device's last sessions (its held-out split) test and validation queries; the run
+writes ``OUT/federated`` (per-round checkpoints, its ``results.json``). Every round each device trains
+``train.local-epochs`` of :func:`shared_model.training.train_epochs` on its slates and Flower's FedAvg averages
+the heads by number of queries. Afterwards the server's validation queries choose the round (the best validation
+judged NDCG@10 over the per-round checkpoints), as the central head's epochs are chosen; the Flower run itself
+runs every round (no early stopping). The head is trained with ``model.use-user = false``: a device's earlier
+sessions are other judged queries, not a shopper's history (the central head never sees a history either).
 
 Results (:func:`train_from_judgments`): the held-out (test) queries scored by BM25, cosine and every trained head
 (judged NDCG@10, MRR, Recall@10, as ``fedrank evaluate --judgments``), written to ``results.json``; checkpoints
@@ -34,7 +38,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +46,7 @@ import numpy as np
 import torch
 
 from shared_model.catalog_io import DEFAULT_LABEL_MAP, LabelMap, load_catalog
-from shared_model.checkpoint import save_checkpoint
+from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import ItemTable, Slates, build_slates
 from shared_model.embedding_cache import feature_cache_dir
@@ -50,10 +54,12 @@ from shared_model.features import build_feature_store, encode_queries
 from shared_model.head import FusedRankingHead, build_head, count_parameters
 from shared_model.losses import get_loss
 from shared_model.metrics import GAINS, NDCG10, count_defined, summarize
-from shared_model.schema import SessionLog, atomic_write
+from shared_model.records import TRAIN_LOSS
+from shared_model.schema import Catalog, SessionLog, atomic_write
 from shared_model.training import score_slates, train_epochs
 from simulations.baselines import BM25Ranker, CosineRanker
 from simulations.evaluate import GradeScale, _load_judgments, judged_metrics, judged_sessions, results_bytes
+from simulations.judged_data import partition_queries, write_judged_data
 
 log = logging.getLogger(__name__)
 
@@ -66,12 +72,19 @@ PATIENCE = 5
 SELF_APPLYING_GAIN = ("lambdaloss", "approx_ndcg")  # losses that turn labels into 2**y - 1 themselves
 HEAD = "trained head"
 SPLITS = ("train", "validation", "test")
+SCENARIO = "judged"  # simulations/scenarios/judged.toml
+DATA_DIR, RUN_DIR = "data", "federated"  # under the output folder: the judged data folder, the Flower run
+
+__all__ = ["HEAD", "JudgedData", "evaluate_queries", "federated_flower", "label_values", "load_judged",
+           "partition_queries", "query_groups", "split_queries", "train_from_judgments", "train_judged",
+           "training_labels", "validation_ndcg"]
 
 
 @dataclass
 class JudgedData:
     """Every judged query as one slate (``slates[i]`` is query ``sessions.queries[i]``) and what scores it."""
 
+    catalog: Catalog
     sessions: SessionLog
     slates: Slates  # [Q, S]; grades = the judgments' grades
     table: ItemTable
@@ -116,7 +129,7 @@ def load_judged(
     query_emb = encode_queries(sessions.queries, cache, progress=progress)
     prices = np.array([it.price for it in catalog.items], np.float64)
     slates = build_slates(sessions, query_emb, prices)
-    return JudgedData(sessions, slates, ItemTable.from_store(store), query_emb, store.text, bm25, scale,
+    return JudgedData(catalog, sessions, slates, ItemTable.from_store(store), query_emb, store.text, bm25, scale,
                       len(judgments), int(store.mask[:, 1].sum()), labels_seen)
 
 
@@ -149,23 +162,19 @@ def split_queries(
     return {name: np.flatnonzero(where[groups] == k) for k, name in enumerate(SPLITS)}
 
 
-def partition_queries(train_idx: np.ndarray, num_devices: int, seed: int = 0) -> list[np.ndarray]:
-    """Deal the training queries to ``num_devices`` devices (seeded, as even as possible, each non-empty)."""
-    if num_devices < 1:
-        raise ValueError(f"num_devices must be >= 1, got {num_devices}")
-    if num_devices > len(train_idx):
-        raise ValueError(f"{num_devices} devices but only {len(train_idx)} training queries: each device needs one")
-    shuffled = np.random.default_rng([seed, 12]).permutation(np.asarray(train_idx))
-    return [np.sort(part) for part in np.array_split(shuffled, num_devices)]
-
-
 # ------------------------------------------------------------------------------------------------ training
-def training_labels(slates: Slates, loss: str, scale: GradeScale) -> Slates:
-    """``slates`` with ``clicks`` [N, S] replaced by the training labels of the grades (see the module docstring)."""
-    grades = slates.grades.double()
-    gains = torch.expm1(grades * np.log(2.0)) if scale.gain == "exp2" else grades
+def label_values(grades: np.ndarray, loss: str, gain: str) -> np.ndarray:
+    """float32 training labels of ``grades`` (any shape) for ``loss``: the gains (``2**g - 1`` or ``g``), or
+    ``log2(1 + gain)`` for the losses that apply ``2**y - 1`` themselves (see the module docstring)."""
+    g = np.asarray(grades, np.float64)
+    gains = np.expm1(g * np.log(2.0)) if gain == "exp2" else g
     key = loss.strip().lower().replace("-", "_")
-    labels = torch.log2(1.0 + gains) if key in SELF_APPLYING_GAIN else gains
+    return (np.log2(1.0 + gains) if key in SELF_APPLYING_GAIN else gains).astype(np.float32)
+
+
+def training_labels(slates: Slates, loss: str, scale: GradeScale) -> Slates:
+    """``slates`` with ``clicks`` [N, S] replaced by the training labels of the grades (:func:`label_values`)."""
+    labels = torch.from_numpy(label_values(slates.grades.numpy(), loss, scale.gain))
     out = copy.copy(slates)
     out.clicks = torch.where(slates.valid, labels, 0.0).float()
     return out
@@ -219,70 +228,79 @@ def train_judged(
                    "seconds": time.perf_counter() - t0, "history": history, "params": count_parameters(model)}
 
 
-def fedavg(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
-    """Weighted mean of floating-point entries; other entries (counters) from the first state."""
-    w = torch.tensor(weights, dtype=torch.float64)
-    w = w / w.sum()
-    out: dict[str, torch.Tensor] = {}
-    for k, v in states[0].items():
-        if torch.is_floating_point(v):
-            out[k] = sum((wi * s[k].double() for wi, s in zip(w, states, strict=True)),
-                         torch.zeros_like(v, dtype=torch.float64)).to(v.dtype)
-        else:
-            out[k] = v.clone()
-    return out
+def flower_overrides(model_cfg: ModelConfig, train_cfg: TrainConfig, num_devices: int, out_dir: str | Path,
+                     rounds: int, local_epochs: int, seed: int) -> dict[str, Any]:
+    """The command-line layer over the judged scenario: this run's data folder, devices, rounds, seed, and the
+    head and training settings of the central head (``model.use-user`` off, ``train.ips`` off)."""
+    from simulations.runner import scenario_config
+
+    out = Path(out_dir)
+    flat: dict[str, Any] = {f"model.{k.replace('_', '-')}": v
+                            for k, v in asdict(replace(model_cfg, use_user=False)).items()}
+    tcfg = replace(_judged_cfg(train_cfg), local_epochs=local_epochs)
+    flat.update({f"train.{k.replace('_', '-')}": v for k, v in asdict(tcfg).items()})
+    scenario = scenario_config(SCENARIO)
+    flat.update({
+        "data.dir": str(out / DATA_DIR), "server.out-dir": str(out / RUN_DIR), "server.num-rounds": rounds,
+        "server.seed": seed, "server.resume": False, "partition.num-clients": num_devices,
+        # fewer devices than the scenario's minimum: wait for all of them, not for devices that do not exist
+        "strategy.min-train-clients": min(num_devices, int(scenario["strategy.min-train-clients"])),
+        "strategy.min-available-clients": min(num_devices, int(scenario["strategy.min-available-clients"])),
+    })
+    return flat
 
 
-def federated_judged(
+def federated_flower(
     data: JudgedData,
     split: dict[str, np.ndarray],
     model_cfg: ModelConfig,
     train_cfg: TrainConfig,
     num_devices: int,
+    out_dir: str | Path,
     rounds: int = DEFAULT_ROUNDS,
     local_epochs: int = DEFAULT_LOCAL_EPOCHS,
     seed: int = 0,
-    patience: int = PATIENCE,
+    progress: bool = True,
 ) -> tuple[FusedRankingHead, dict[str, Any]]:
-    """FedAvg over ``num_devices`` devices, each holding its own share of the training queries (in-process, no
-    Flower: see the module docstring). Returns the head of the best validation round and a summary."""
-    tcfg = _judged_cfg(train_cfg)
-    torch.manual_seed(seed)
-    model = build_head(model_cfg, seed=seed)
-    shares = partition_queries(split["train"], num_devices, seed)
-    devices = [training_labels(data.slates.select(idx), tcfg.loss, data.scale) for idx in shares]
-    sizes = [float(len(idx)) for idx in shares]
-    val = data.slates.select(split["validation"])
-    t0 = time.perf_counter()
-    history: list[dict[str, float]] = []
-    best, best_state, since = -float("inf"), None, 0
-    for rnd in range(1, rounds + 1):
-        states, losses = [], []
-        for cid, slates in enumerate(devices):
-            local = copy.deepcopy(model)
-            stats = train_epochs(local, slates, data.table, tcfg, None, epochs=local_epochs,
-                                 seed=seed * 100_000 + rnd * 100 + cid)
-            states.append(local.state_dict())
-            losses.append(stats["train_loss"])
-        model.load_state_dict(fedavg(states, sizes))
-        vndcg = validation_ndcg(model, val, data.table, data.scale)
-        history.append({"round": rnd, "train_loss": float(np.average(losses, weights=sizes)), "val_ndcg@10": vndcg})
-        log.info("round %d/%d validation judged NDCG@10 %.4f", rnd, rounds, vndcg)
-        if vndcg > best + 1e-5:
-            best, since, best_state = vndcg, 0, copy.deepcopy(model.state_dict())
-        else:
-            since += 1
-            if since >= patience:
-                break
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    model.eval()
-    best_round = max(history, key=lambda h: h["val_ndcg@10"])["round"] if history else 0
-    return model, {"kind": "in-process FedAvg simulation (no Flower)", "devices": num_devices,
-                   "queries_per_device": [len(s) for s in shares], "local_epochs": local_epochs,
-                   "rounds_run": len(history), "best_round": best_round, "best_val_ndcg@10": best,
-                   "seconds": time.perf_counter() - t0, "history": history, "params": count_parameters(model)}
+    """Federated training through Flower's simulation engine (see the module docstring): writes
+    ``out_dir/data`` and ``out_dir/federated``; returns the head of the best validation round and a summary."""
+    from simulations.runner import scenario_config, simulate_config  # Flower and Ray only for a federated run
 
+    tcfg = _judged_cfg(train_cfg)
+    out = Path(out_dir)
+    t0 = time.perf_counter()
+    labels = label_values(data.sessions.grades, tcfg.loss, data.scale.gain)
+    layout = write_judged_data(out / DATA_DIR, data.catalog, data.sessions, labels, split, num_devices, seed,
+                               info={"labels": f"clicks = training labels for train.loss={tcfg.loss!r} "
+                                               f"(gains {data.scale.gain})", "split_seed": seed})
+    flat = scenario_config(SCENARIO, extra=flower_overrides(model_cfg, tcfg, num_devices, out, rounds,
+                                                            local_epochs, seed))
+    res = simulate_config(flat, SCENARIO, central=False, progress=progress)
+    val = data.slates.select(split["validation"])
+    history: list[dict[str, Any]] = []
+    best, best_model = -float("inf"), None
+    for rec in res["rounds"]:  # the server's validation queries choose the round
+        model, _ = load_checkpoint(out / RUN_DIR / "checkpoints" / f"round-{int(rec['round']):03d}.pt")
+        vndcg = validation_ndcg(model, val, data.table, data.scale)
+        history.append({"round": int(rec["round"]), "train_loss": rec.get("train", {}).get(TRAIN_LOSS),
+                        "val_ndcg@10": vndcg, "data_held_out_ndcg@10": rec.get("central", {}).get(NDCG10)})
+        if vndcg > best + 1e-5:
+            best, best_model = vndcg, model
+    if best_model is None:
+        raise RuntimeError(f"{out / RUN_DIR}: the Flower run finished no round")
+    best_model.eval()
+    best_round = max(history, key=lambda h: h["val_ndcg@10"])["round"]
+    cfg = res["run_config"]
+    return best_model, {
+        "kind": "Flower simulation engine with the project's ServerApp and ClientApp (fedrank simulate, scenario "
+                f"{SCENARIO!r})",
+        "strategy": cfg["strategy.name"], "fraction_train": cfg["strategy.fraction-train"], "devices": num_devices,
+        "queries_per_device": layout["queries_per_device"], "held_out_per_device": layout["held_out_per_device"],
+        "held_out": layout["held_out"], "local_epochs": local_epochs, "rounds_run": len(history),
+        "best_round": best_round, "best_val_ndcg@10": best, "seconds": time.perf_counter() - t0,
+        "seconds_per_round": res["seconds_per_round"], "history": history, "params": count_parameters(best_model),
+        "data_dir": str(out / DATA_DIR), "run_dir": str(out / RUN_DIR),
+    }
 
 # ------------------------------------------------------------------------------------------------ evaluation
 def evaluate_queries(data: JudgedData, idx: np.ndarray, heads: dict[str, FusedRankingHead]) -> dict[str, Any]:
@@ -317,8 +335,10 @@ def train_from_judgments(
     max_grade: float | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Train on the judged queries, evaluate on held-out ones, write ``out_dir/head.pt`` (with ``devices > 0`` also
-    ``out_dir/federated.pt``) and ``out_dir/results.json``; return what ``results.json`` holds."""
+    """Train on the judged queries, evaluate on held-out ones, write ``out_dir/head.pt`` and
+    ``out_dir/results.json``; with ``devices > 0`` also train through Flower (:func:`federated_flower`: the judged
+    data folder ``out_dir/data``, the run ``out_dir/federated``) and write ``out_dir/federated.pt``. Returns what
+    ``results.json`` holds."""
     _judged_cfg(train_cfg)
     out = Path(out_dir)
     data = load_judged(catalog_path, judgments_path, skip_bad, gain, label_map, max_grade, progress)
@@ -332,9 +352,10 @@ def train_from_judgments(
     model, info = train_judged(data, split, model_cfg, train_cfg, epochs, seed)
     heads[HEAD], training[HEAD] = model, info
     checkpoints = {HEAD: str(out / "head.pt")}
-    fed_name = f"federated head (FedAvg, {devices} devices)"
     if devices > 0:
-        fed, fed_info = federated_judged(data, split, model_cfg, train_cfg, devices, rounds, local_epochs, seed)
+        fed, fed_info = federated_flower(data, split, model_cfg, train_cfg, devices, out, rounds, local_epochs, seed,
+                                         progress)
+        fed_name = f"federated head (Flower {fed_info['strategy']}, {devices} devices)"
         heads[fed_name], training[fed_name] = fed, fed_info
         checkpoints[fed_name] = str(out / "federated.pt")
     evaluated = evaluate_queries(data, split["test"], heads)
