@@ -134,19 +134,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if not (args.catalog and args.judgments and args.out):
             print("fedrank evaluate: --catalog, --judgments and --out go together", file=sys.stderr)
             return 2
+        from shared_model.prepared import prepare
         from simulations.evaluate import evaluate_judgments
+        from simulations.judged_training import split_queries  # the split `fedrank train --judgments` makes
 
         options = _judged_options(args)
         heads = load_heads(list(checkpoints.values()))
         with locked_dir(Path(args.out)):
-            ltr_data = None
-            if args.ltr_data:
-                from shared_model.prepared import prepare
-
-                ltr_data = prepare(args.ltr_data)
+            ltr_data = prepare(args.ltr_data) if args.ltr_data else None  # LightGBM's clicks
             res = evaluate_judgments(args.catalog, args.judgments, heads, args.out, skip_bad=args.skip_bad,
-                                     checkpoints=checkpoints, ltr_data=ltr_data, ltr_judgments=args.ltr_judgments,
-                                     seed=args.seed, **options)
+                                     checkpoints=checkpoints, ltr_data=ltr_data, seed=args.seed,
+                                     ltr_judgments=split_queries if args.ltr_judgments else None, **options)
         print_table(f"{res['num_queries']} judged queries ({args.judgments}; gain {res['gain']['formula']})",
                     _for_display(res["rankers"]))
         excluded = {k: v for k, v in res["queries_excluded"].items() if v}

@@ -26,7 +26,7 @@ import json
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -79,6 +79,8 @@ LTR_CLICKS = "lightgbm lambdarank (IPS clicks)"  # trained on a data folder's cl
 LTR_JUDGED = "lightgbm lambdarank (judgments)"  # trained on the judged training queries; held-out queries only
 LTR_RANKERS = (LTR_CLICKS, LTR_JUDGED)
 LTR_VAL_FRAC = 0.1  # each shopper's last sessions for early stopping, as ``centralized.VAL_FRAC``
+QUERY_SPLITS = ("train", "validation", "test")
+QuerySplit = Callable[[list[str], int], Mapping[str, np.ndarray]]  # (queries, seed) -> indices by QUERY_SPLITS
 GAIN_FORMULAS = {"exp2": "2**grade - 1", "linear": "grade"}
 
 
@@ -217,7 +219,7 @@ def evaluate_judgments(
     max_grade: float | None = None,
     checkpoints: Mapping[str, str] | None = None,
     ltr_data: Prepared | None = None,
-    ltr_judgments: bool = False,
+    ltr_judgments: QuerySplit | None = None,
     ltr_config: LtrConfig | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -245,10 +247,10 @@ def evaluate_judgments(
         A data folder whose training sessions' clicks train LightGBM LambdaRank with IPS gains
         (:func:`simulations.ltr.fit_prepared`); the row ``LTR_CLICKS`` then scores every judged query, beside the
         other rankers.
-    ltr_judgments : bool
-        Also train LightGBM on the judgments themselves (:meth:`simulations.ltr.LambdaRankRanker.fit_judged`): the
-        queries are split into train / validation / test (:func:`simulations.judged_training.split_queries`,
-        ``seed``; the split ``fedrank train --judgments --seed`` makes). It is scored on the test queries only, so
+    ltr_judgments : callable ``(queries, seed) -> {"train", "validation", "test": query indices}``, optional
+        Also train LightGBM on the judgments themselves (:meth:`simulations.ltr.LambdaRankRanker.fit_judged`) with
+        this split of the judged queries (the CLI passes :func:`simulations.judged_training.split_queries`, the
+        split ``fedrank train --judgments --seed`` makes). It is scored on the test queries only, so
         ``results.json`` gets a ``held_out`` section where **every** ranker is scored again on those test queries;
         the main ``rankers`` table (every query) never holds it.
     ltr_config : LtrConfig, optional
@@ -261,7 +263,7 @@ def evaluate_judgments(
     clash = sorted(set(heads) & {*BASELINE_RANKERS, *LTR_RANKERS})
     if clash:
         raise ValueError(f"head name {clash[0]!r} is a baseline's name; rename its checkpoint")
-    ltr = _require_lightgbm() if ltr_data is not None or ltr_judgments else None
+    ltr = _require_lightgbm() if ltr_data is not None or ltr_judgments is not None else None
     out_dir = Path(out_dir)
     labels = label_map or DEFAULT_LABEL_MAP
     catalog = load_catalog(catalog_path, skip_bad=skip_bad)
@@ -290,9 +292,12 @@ def evaluate_judgments(
     per_query = {name: judged_metrics(s, slates, scale) for name, s in scores.items()}
     counted = count_defined(per_query["bm25"])  # depends on the grades only: the same for every ranker
     held_out = None
-    if ltr is not None and ltr_judgments:
+    if ltr is not None and ltr_judgments is not None:
+        split = ltr_judgments(sessions.queries, seed)
         held_out = _held_out_judged(ltr, ltr_config or ltr.LtrConfig(seed=seed), sessions, slates, store, bm25,
-                                    scale, per_query, models, training, seed, str(judgments_path))
+                                    scale, per_query, models, training, split, seed, str(judgments_path))
+        held_out["split"]["by"] = f"{getattr(ltr_judgments, '__module__', '?')}." \
+                                  f"{getattr(ltr_judgments, '__qualname__', type(ltr_judgments).__name__)}"
     for name, ranker in models.items():
         ranker.save(out_dir / ltr_file_name(name))
     payload = {
@@ -323,33 +328,28 @@ def ltr_file_name(name: str) -> str:
 def _held_out_judged(
     ltr: Any, cfg: LtrConfig, sessions: SessionLog, slates: Slates, store: FeatureStore, bm25: BM25Ranker,
     scale: GradeScale, per_query: dict[str, dict[str, np.ndarray]], models: dict[str, Any],
-    training: dict[str, Any], seed: int, source: str,
+    training: dict[str, Any], split: Mapping[str, np.ndarray], seed: int, source: str,
 ) -> dict[str, Any]:
     """LightGBM trained on the judged training queries (early stopping on the validation ones), and every ranker of
     ``per_query`` with it on the test queries: the ``held_out`` section of ``results.json``. Adds the fitted ranker
     to ``models`` and its fit summary to ``training``."""
-    from simulations import judged_training as jt  # imported here: it imports this module
-
-    split = jt.split_queries(sessions.queries, seed)
-    if min(len(split[k]) for k in jt.SPLITS) == 0:
+    if min(len(split[k]) for k in QUERY_SPLITS) == 0:
         raise JudgmentsError(f"{source}: {len(sessions)} distinct queries; LightGBM on judgments needs at least 3 "
                              "(train, validation and test)")
-    fit, val, test = (slates.select(split[k]) for k in jt.SPLITS)
+    fit, val, test = (slates.select(np.asarray(split[k])) for k in QUERY_SPLITS)
     ranker = ltr.LambdaRankRanker(ltr.judged_config(cfg, int(fit.valid.sum())))
     info = ranker.fit_judged(fit, ltr.slate_queries(sessions, fit), val, ltr.slate_queries(sessions, val), store,
                              bm25, scale.gain)
     models[LTR_JUDGED] = ranker
     training[LTR_JUDGED] = {"trained_on": f"the judged training queries of {source} (grades' gains)", **info}
-    idx = split["test"]
+    idx = np.asarray(split["test"])
     rows = {name: {m: v[idx] for m, v in metrics.items()} for name, metrics in per_query.items()}
     rows[LTR_JUDGED] = judged_metrics(ltr.score_judged_slates(ranker, sessions, test, store, bm25), test, scale)
     counted = count_defined(rows["bm25"])
     return {
         "why": f"{LTR_JUDGED} learns from these judgments, so it and every other ranker are scored on the held-out "
                "test queries only",
-        "split": {"seed": seed, "unit": "query (equal up to case and blanks: one group)",
-                  "validation_fraction": jt.VAL_FRAC, "test_fraction": jt.TEST_FRAC,
-                  "queries": {k: len(split[k]) for k in jt.SPLITS}},
+        "split": {"seed": seed, "queries": {k: len(split[k]) for k in QUERY_SPLITS}},
         "num_queries": len(idx),
         "queries_counted": counted,
         "queries_excluded": {k: len(idx) - v for k, v in counted.items()},

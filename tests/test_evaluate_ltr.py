@@ -14,7 +14,6 @@ import lightgbm as lgb
 import numpy as np
 import pytest
 from sklearn.metrics import ndcg_score
-from synthetic import synthetic_prepared
 
 import simulations.evaluate as evaluate_mod
 from fedrank.cli import main
@@ -34,6 +33,7 @@ from simulations.ltr import (
     grade_gains,
     judged_config,
 )
+from tests.synthetic import synthetic_prepared
 
 SMALL = LtrConfig(image_components=2, video_components=1, min_data_in_leaf=5, max_rounds=60, early_stopping=20,
                   num_threads=1)
@@ -104,7 +104,7 @@ def test_lightgbm_rows_match_booster_predict_and_sklearn(judged: tuple[Path, Pat
     cat, judg = judged
     out = tmp_path / "eval"
     # Execute
-    res = evaluate_judgments(cat, judg, {}, out, progress=False, ltr_data=clicks, ltr_judgments=True,
+    res = evaluate_judgments(cat, judg, {}, out, progress=False, ltr_data=clicks, ltr_judgments=split_queries,
                              ltr_config=SMALL, seed=0)
     # Assert: LightGBM on clicks scores every query, beside the baselines; LightGBM on judgments only held out
     assert list(res["rankers"]) == ["bm25", "cosine", LTR_CLICKS]
@@ -112,6 +112,7 @@ def test_lightgbm_rows_match_booster_predict_and_sklearn(judged: tuple[Path, Pat
     assert list(held["rankers"]) == ["bm25", "cosine", LTR_CLICKS, LTR_JUDGED]
     split = split_queries(sorted({q for q, _, _ in load_judgments(judg)}), 0)
     assert held["num_queries"] == len(split["test"]) == held["split"]["queries"]["test"] > 0
+    assert held["split"]["by"] == "simulations.judged_training.split_queries"
     for rows in (res["rankers"], held["rankers"]):
         for name, m in rows.items():
             assert all(np.isfinite(v) and 0.0 <= v <= 1.0 for v in m.values()), name
@@ -129,7 +130,7 @@ def test_lightgbm_rows_match_booster_predict_and_sklearn(judged: tuple[Path, Pat
 
 def test_judged_lightgbm_learns_what_bm25_cannot_see(judged: tuple[Path, Path], tmp_path: Path) -> None:
     # Execute: within a kind, grades follow the rating, which BM25 ignores
-    res = evaluate_judgments(*judged, {}, tmp_path, progress=False, ltr_judgments=True, ltr_config=SMALL)
+    res = evaluate_judgments(*judged, {}, tmp_path, progress=False, ltr_judgments=split_queries, ltr_config=SMALL)
     # Assert
     held = res["held_out"]["rankers"]
     assert held[LTR_JUDGED]["ndcg@10"] > held["bm25"]["ndcg@10"] + 0.05
@@ -167,14 +168,14 @@ def test_too_few_queries_for_a_split_is_a_named_error(judged: tuple[Path, Path],
     judg = tmp_path / "two.csv"
     judg.write_text("query,item_id,grade\nred shirt,x00,3\nred shirt,x01,0\nblue mug,x12,3\nblue mug,x00,0\n")
     with pytest.raises(JudgmentsError, match="at least 3"):
-        evaluate_judgments(cat, judg, {}, tmp_path / "eval", progress=False, ltr_judgments=True, ltr_config=SMALL)
+        evaluate_judgments(cat, judg, {}, tmp_path / "eval", progress=False, ltr_judgments=split_queries, ltr_config=SMALL)
 
 
 def test_without_lightgbm_the_ltr_rows_are_a_named_error(judged: tuple[Path, Path], tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(evaluate_mod, "_ltr", None)
     with pytest.raises(JudgmentsError, match="lightgbm"):
-        evaluate_judgments(*judged, {}, tmp_path, progress=False, ltr_judgments=True)
+        evaluate_judgments(*judged, {}, tmp_path, progress=False, ltr_judgments=split_queries)
     res = evaluate_judgments(*judged, {}, tmp_path, progress=False)  # the rest still runs
     assert list(res["rankers"]) == ["bm25", "cosine"] and "held_out" not in res
 

@@ -282,7 +282,7 @@ FED = "federated head (Flower fedavg, 3 devices)"
 def test_federated_head_trains_through_flower(federated: Path, judged: JudgedData) -> None:
     # Execute
     res = _strict(federated / "results.json")
-    run = _strict(federated / "federated" / "results.json")
+    run = json.loads((federated / "federated" / "results.json").read_text())  # the Flower run's own (NaN allowed)
     # Assert: the project's ServerApp ran 2 rounds, every device answered, over the judged data folder
     assert set(res["rankers"]) == {"bm25", "cosine", HEAD, FED}
     info = res["training"][FED]
