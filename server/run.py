@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import resource
 import time
@@ -28,7 +27,7 @@ from shared_model.records import (
     PNDCG_PERSONAL,
     PROPENSITY_ETA,
 )
-from shared_model.schema import atomic_write
+from shared_model.schema import atomic_write, results_bytes
 from shared_model.shards import ensure_shards
 from shared_model.training import evaluate_model
 
@@ -107,7 +106,8 @@ def build_results(settings: RunSettings, state: LoopState, prep: Prepared, secon
 
 
 def write_results(out: Path, results: dict[str, Any]) -> None:
-    atomic_write(out / "results.json", lambda f: f.write(json.dumps(results, indent=2, default=float).encode()))
+    data = results_bytes(results)  # strict JSON: a metric no query defines is null, never NaN
+    atomic_write(out / "results.json", lambda f: f.write(data))
     try:
         plot_run(results, out)
     except Exception as e:  # noqa: BLE001 -- a plot must never lose a finished run's results

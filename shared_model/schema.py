@@ -12,11 +12,13 @@ Two objects travel between the areas of fedrank:
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -244,3 +246,23 @@ def atomic_write(path: Path, write: object) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def json_ready(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, inf; NumPy's too) replaced by None, NumPy scalars made Python's."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return json_ready(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def results_bytes(payload: dict[str, Any]) -> bytes:
+    """Strict JSON (``allow_nan=False``: NaN becomes ``null``, never the non-standard ``NaN``)."""
+    return json.dumps(json_ready(payload), indent=2, allow_nan=False).encode()

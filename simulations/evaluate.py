@@ -58,7 +58,7 @@ from shared_model.metrics import (
     summarize,
 )
 from shared_model.prepared import TEST_FRAC, Prepared
-from shared_model.schema import Catalog, SessionLog, atomic_write
+from shared_model.schema import Catalog, SessionLog, atomic_write, json_ready, results_bytes  # noqa: F401 -- re-exported
 from shared_model.training import per_list_metrics, ranking_metrics, score_slates
 from simulations.baselines import BM25Ranker, CosineRanker
 from simulations.log_eval import CLICK_COLUMNS, Bootstrap, click_metrics, click_statistics, metric_definitions
@@ -166,24 +166,6 @@ def judged_metrics(scores: np.ndarray, slates: Slates, scale: GradeScale) -> dic
     scores = np.where(mask, scores, -1e9)
     mrr_t, rec_t = scale.thresholds
     return compute_metrics(scores, grades, mask, k=10, mrr_threshold=mrr_t, recall_threshold=rec_t, gain=scale.gain)
-
-
-def json_ready(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, inf; NumPy's too) replaced by None, NumPy scalars made Python's."""
-    if isinstance(obj, dict):
-        return {str(k): json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [json_ready(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
-def results_bytes(payload: dict[str, Any]) -> bytes:
-    """Strict JSON (``allow_nan=False``: NaN becomes ``null``, never the non-standard ``NaN``)."""
-    return json.dumps(json_ready(payload), indent=2, allow_nan=False).encode()
 
 
 def _load_judgments(

@@ -232,3 +232,21 @@ def test_resume_accepts_a_checkpoint_that_predates_new_config_keys_but_not_a_cha
     with pytest.raises(ValueError, match=r"cannot resume, run config differs in \['faults.crash-prob'\]"):
         init_state(changed, tmp_path, FedAvg(), resume=True)
     assert load_checkpoint(tmp_path / LAST)[1]["round"] == 2  # refused resume leaves the checkpoint as it was
+
+
+def test_results_json_is_strict_json_when_a_metric_is_undefined(tmp_path: Path) -> None:
+    # Prepare: a round whose MRR no held-out list defines (NaN), NumPy values as the loop produces them
+    import json
+
+    from server.run import write_results
+
+    results = {"final": {"ndcg@10": np.float32(0.5), "mrr": float("nan")}, "curve": np.array([0.1, np.inf])}
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"non-standard JSON constant {name}")
+
+    # Execute
+    write_results(tmp_path, results)
+    # Assert: parses with NaN/Infinity refused; undefined values are null
+    got = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)
+    assert got["final"] == {"ndcg@10": 0.5, "mrr": None} and got["curve"] == [0.1, None]
