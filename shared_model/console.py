@@ -6,7 +6,8 @@ print through these helpers so that every command looks and fails the same way.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import argparse
+from collections.abc import Callable, Sequence
 from typing import Any
 
 METRIC_COLUMNS = ("ndcg@10", "mrr", "recall@10")
@@ -46,3 +47,12 @@ def one_line(e: BaseException) -> str:
     """An exception's message on one line (a KeyError's without the quotes str() adds)."""
     text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or e.__class__.__name__
+
+
+def add_command(subparsers: Any, name: str, fn: Callable[[argparse.Namespace], int],
+                help_: str) -> argparse.ArgumentParser:
+    """One command on an ``argparse`` ``add_subparsers()`` object: ``help_`` as its help and description, ``fn`` as
+    the handler the front door calls (``args.func``)."""
+    sp: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_)
+    sp.set_defaults(func=fn)
+    return sp

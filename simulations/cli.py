@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from shared_model.console import parse_sets, print_table
+from shared_model.console import add_command, parse_sets, print_table
 from shared_model.outdir import locked_dir
 
 
@@ -224,9 +224,7 @@ def add_commands(subparsers: Any) -> None:
     """Register this area's commands on an ``argparse`` ``add_subparsers()`` object."""
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        return sp
+        return add_command(subparsers, name, fn, help_)
 
     g = add("generate", cmd_generate, "generate a simulated marketplace (or simulate shoppers over a real catalog)")
     g.add_argument("--out", required=True)

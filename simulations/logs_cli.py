@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from shared_model.console import add_command
+
 
 def cmd_import_logs(args: argparse.Namespace) -> int:
     from shared_model.logs_io import import_logs
@@ -35,9 +37,7 @@ def add_commands(subparsers: Any) -> None:
     """Register ``import-logs`` and ``export-logs`` on an ``argparse`` ``add_subparsers()`` object."""
 
     def add(name: str, fn: Callable[[argparse.Namespace], int], help_: str) -> argparse.ArgumentParser:
-        sp: argparse.ArgumentParser = subparsers.add_parser(name, help=help_, description=help_)
-        sp.set_defaults(func=fn)
-        return sp
+        return add_command(subparsers, name, fn, help_)
 
     i = add("import-logs", cmd_import_logs, "turn a catalog and a search log (CSV/TSV/JSONL/Parquet, fedrank's "
                                             "log format v1) into a data folder for train/evaluate/simulate")
