@@ -112,17 +112,16 @@ class RowError(Exception):
         self.reason = reason
 
 
-def file_kind(path: Path) -> str:
-    """``"csv"`` (CSV/TSV) or ``"jsonl"`` by extension; :class:`CatalogError` for any other."""
+def file_kind(path: Path, more: dict[str, set[str]] | None = None) -> str:
+    """``"csv"`` (CSV/TSV) or ``"jsonl"`` by extension, or a kind of ``more`` (kind -> extensions);
+    :class:`CatalogError` for any other."""
+    kinds: dict[str, Iterable[str]] = {"csv": CSV_EXT, "jsonl": JSONL_EXT, **(more or {})}
     suffix = path.suffix.lower()
-    if suffix in CSV_EXT:
-        return "csv"
-    if suffix in JSONL_EXT:
-        return "jsonl"
-    raise CatalogError(
-        path, None, "(file)",
-        f"unknown extension {suffix!r}; expected one of {sorted([*CSV_EXT, *JSONL_EXT])}",
-    )
+    for kind, extensions in kinds.items():
+        if suffix in extensions:
+            return kind
+    known = sorted(e for extensions in kinds.values() for e in extensions)
+    raise CatalogError(path, None, "(file)", f"unknown extension {suffix!r}; expected one of {known}")
 
 
 def read_text(path: Path) -> str:

@@ -81,12 +81,12 @@ import numpy as np
 from shared_model.catalog_io import load_catalog_with_report, save_catalog_jsonl
 from shared_model.catalog_rows import (
     CSV_EXT,
-    JSONL_EXT,
     CatalogError,
     LoadReport,
     RowError,
     SkippedRow,
     as_text,
+    file_kind,
     header_names,
     iter_rows,
 )
@@ -122,15 +122,7 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def _kind(path: Path) -> str:
-    suffix = path.suffix.lower()
-    if suffix in CSV_EXT:
-        return "csv"
-    if suffix in JSONL_EXT:
-        return "jsonl"
-    if suffix in PARQUET_EXT:
-        return "parquet"
-    raise CatalogError(path, None, "(file)", f"unknown extension {suffix!r}; expected one of "
-                                             f"{sorted([*CSV_EXT, *JSONL_EXT, *PARQUET_EXT])}")
+    return file_kind(path, {"parquet": PARQUET_EXT})
 
 
 # ------------------------------------------------------------------------------------------------ fields

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -49,7 +50,7 @@ from shared_model.catalog_io import DEFAULT_LABEL_MAP, LabelMap, load_catalog
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import ItemTable, Slates, build_slates
-from shared_model.embedding_cache import feature_cache_dir
+from shared_model.embedding_cache import CACHE_ENV, feature_cache_dir
 from shared_model.features import build_feature_store, encode_queries
 from shared_model.head import FusedRankingHead, build_head, count_parameters
 from shared_model.losses import get_loss
@@ -95,6 +96,7 @@ class JudgedData:
     num_judgments: int
     items_with_image: int
     labels_seen: dict[str, int]
+    cache: Path | None = None  # the feature cache the catalog was embedded into
 
     @property
     def queries(self) -> list[str]:
@@ -130,7 +132,7 @@ def load_judged(
     prices = np.array([it.price for it in catalog.items], np.float64)
     slates = build_slates(sessions, query_emb, prices)
     return JudgedData(catalog, sessions, slates, ItemTable.from_store(store), query_emb, store.text, bm25, scale,
-                      len(judgments), int(store.mask[:, 1].sum()), labels_seen)
+                      len(judgments), int(store.mask[:, 1].sum()), labels_seen, cache)
 
 
 # ------------------------------------------------------------------------------------------------ splits
@@ -275,7 +277,16 @@ def federated_flower(
                                                f"(gains {data.scale.gain})", "split_seed": seed})
     flat = scenario_config(SCENARIO, extra=flower_overrides(model_cfg, tcfg, num_devices, out, rounds,
                                                             local_epochs, seed))
-    res = simulate_config(flat, SCENARIO, central=False, progress=progress)
+    # the judged data folder holds the same catalog: its run reads the embeddings load_judged already made instead
+    # of embedding every item again into a cache beside OUT/data (Ray workers inherit the environment)
+    pinned = data.cache is not None and not os.environ.get(CACHE_ENV)
+    if pinned:
+        os.environ[CACHE_ENV] = str(data.cache)
+    try:
+        res = simulate_config(flat, SCENARIO, central=False, progress=progress)
+    finally:
+        if pinned:
+            os.environ.pop(CACHE_ENV, None)
     val = data.slates.select(split["validation"])
     history: list[dict[str, Any]] = []
     best, best_model = -float("inf"), None

@@ -205,11 +205,7 @@ def _write_marketplace(stage: Path, cfg: MarketConfig, preset: str, progress: bo
     counts = write_session_files(stage, catalog, users, sessions, cfg)
     timings["total_s"] = time.perf_counter() - t0
     meta = {
-        "generator": GENERATOR,
-        "format_version": FORMAT_VERSION,
-        "preset": preset,
-        "seed": cfg.seed,
-        "config": cfg.to_json(),
+        **_meta_head(preset, cfg),
         "counts": counts,
         "intent_attributes": index.attr_names,
         "ground_truth": ground_truth(cfg),
@@ -271,11 +267,7 @@ def simulate_catalog_dir(
             save_catalog_jsonl(catalog, stage / "catalog.jsonl")
             counts = write_session_files(stage, catalog, users, sessions, cfg)
             meta = {
-                "generator": GENERATOR,
-                "format_version": FORMAT_VERSION,
-                "preset": preset,
-                "seed": cfg.seed,
-                "config": cfg.to_json(),
+                **_meta_head(preset, cfg),
                 "source_catalog": str(src.resolve()),
                 "source_sha256": digest,
                 "skip_bad": skip_bad,
@@ -291,6 +283,12 @@ def simulate_catalog_dir(
     log.info("simulated %d sessions (%d impressions, CTR %.3f) over %s (%d items, %d rows skipped) -> %s",
              counts["sessions"], counts["impressions"], counts["ctr"], src, counts["items"], report.num_skipped, out)
     return out
+
+
+def _meta_head(preset: str, cfg: MarketConfig) -> dict[str, Any]:
+    """The first keys of every marketplace ``meta.json``: what wrote it, and the configuration it simulated."""
+    return {"generator": GENERATOR, "format_version": FORMAT_VERSION, "preset": preset, "seed": cfg.seed,
+            "config": cfg.to_json()}
 
 
 def _holds_simulation(out: Path, cfg: MarketConfig, digest: str, skip_bad: bool) -> bool:
