@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server import privacy
+from server.compression import decode_replies, encode_downlink
 from server.secagg import secagg_train_round
 from server.strategies import min_train_nodes, restore_strategy_state, strategy_state
 from server.validation import screen_replies
@@ -64,6 +65,17 @@ def _message_bytes(msgs: list[Message]) -> int:
             total += sum(r.count_bytes() for r in m.content.metric_records.values())
             total += sum(r.count_bytes() for r in m.content.config_records.values())
     return total
+
+
+def round_traffic(sent: list[Message], replies: list[Message]) -> dict[str, float]:
+    """Bytes of a training round by Flower's own accounting (``Record.count_bytes``): in total (``bytes_sent``,
+    ``bytes_received``; evaluation adds to these) and per device for the train messages alone
+    (``upload_bytes_per_device``: mean over the replies; ``download_bytes_per_device``: mean over the sent)."""
+    down, up = _message_bytes(sent), _message_bytes([r for r in replies if not r.has_error()])
+    n_up = sum(1 for r in replies if not r.has_error())
+    return {"bytes_sent": down, "bytes_received": _message_bytes(replies),
+            "download_bytes_per_device": down / len(sent) if sent else 0.0,
+            "upload_bytes_per_device": up / n_up if n_up else 0.0}
 
 
 def this_round_replies(sent: list[Message], replies: Iterable[Message]) -> tuple[list[Message], int]:
@@ -142,16 +154,21 @@ def run_rounds(
             state.arrays = agg if agg is not None else state.arrays
         else:
             # with model.personal-layers, devices keep those layers and send only the shared ones
-            reference = {k: v.numpy() for k, v in state.arrays.items() if k in shared}
+            current = {k: v.numpy() for k, v in state.arrays.items()}
+            reference = {k: v for k, v in current.items() if k in shared}
             out_msgs = list(strategy.configure_train(rnd, state.arrays, ConfigRecord(dict(train_config)), grid))
+            encode_downlink(settings.compression, out_msgs)  # compression.downlink = "fp16"
             replies, stale = this_round_replies(out_msgs, grid.send_and_receive(out_msgs, timeout=cfg.round_timeout))
+            traffic = round_traffic(out_msgs, replies)  # as they crossed the network: before decoding
+            replies, undecodable = decode_replies(settings.compression, replies, current)
             screened = screen_replies(replies, reference, max_norm=max_update_norm)
-            timeouts = len(out_msgs) - len(replies)  # no reply within server.round-timeout
+            screened.rejected[:0] = undecodable
+            timeouts = len(out_msgs) - len(replies) - len(undecodable)  # no reply within server.round-timeout
             record = {
-                "round": rnd, "sampled": len(out_msgs), "replied": len(replies), "accepted": len(screened.accepted),
-                "failures": len(screened.failed), "timeouts": timeouts, "rejected": len(screened.rejected),
-                "rejected_reasons": screened.rejected, "stale": stale,
-                "bytes_sent": _message_bytes(out_msgs), "bytes_received": _message_bytes(replies),
+                "round": rnd, "sampled": len(out_msgs), "replied": len(replies) + len(undecodable),
+                "accepted": len(screened.accepted), "failures": len(screened.failed), "timeouts": timeouts,
+                "rejected": len(screened.rejected), "rejected_reasons": screened.rejected, "stale": stale,
+                **traffic,
             }
             if len(screened.accepted) >= max(1, min_train_nodes(strategy)):
                 dp = privacy.before_aggregate(strategy, screened.accepted)  # None without a DP wrapper
@@ -167,8 +184,7 @@ def run_rounds(
                             rnd, len(screened.accepted), min_train_nodes(strategy))
                 record["train"] = {}
         if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
-            record["federated"] = _federated_eval(grid, strategy, state.arrays, rnd, cfg.round_timeout, record,
-                                                  train_config)
+            record["federated"] = _federated_eval(grid, strategy, settings, state.arrays, rnd, record, train_config)
             record["central"] = central_eval(arrays_to_head(settings, state.arrays))
         record["seconds"] = time.perf_counter() - t0
         state.rounds.append(record)
@@ -179,14 +195,15 @@ def run_rounds(
 
 
 def _federated_eval(
-    grid: Grid, strategy: Strategy, arrays: ArrayRecord, rnd: int, timeout: float, record: dict[str, Any],
+    grid: Grid, strategy: Strategy, settings: RunSettings, arrays: ArrayRecord, rnd: int, record: dict[str, Any],
     eval_config: ConfigRecord,
 ) -> dict[str, Any]:
     """Clients evaluate the global head (and their personalized version) on their held-out sessions."""
     msgs = list(strategy.configure_evaluate(rnd, arrays, ConfigRecord(dict(eval_config)), grid))
     if not msgs:
         return {}
-    replies, _ = this_round_replies(msgs, grid.send_and_receive(msgs, timeout=timeout))
+    encode_downlink(settings.compression, msgs)
+    replies, _ = this_round_replies(msgs, grid.send_and_receive(msgs, timeout=settings.server.round_timeout))
     record["bytes_sent"] += _message_bytes(msgs)
     record["bytes_received"] += _message_bytes(replies)
     screened = screen_replies(replies, {}, is_train=False)

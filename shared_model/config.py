@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared_model.compression import DOWNLINK_SCHEMES, Codec
 from shared_model.head_features import DENSE_DIM, IMAGE_DIM, TEXT_DIM, VIDEO_DIM
 
 FUSION_MODES = ("concat", "gated", "attention")
@@ -303,10 +304,40 @@ class FaultConfig:
             raise ConfigError("faults.straggler-delay and faults.max-update-norm must be >= 0")
 
 
+@dataclass(frozen=True)
+class CompressionConfig:
+    """What crosses the network each round (``shared_model.compression``): the device's update as a delta from the
+    head it received, encoded by ``uplink`` (none / fp16 / int8 / topk), and the global head as fp16 when
+    ``downlink = "fp16"``."""
+
+    uplink: str = "none"
+    downlink: str = "fp32"
+    int8_granularity: str = "tensor"  # one scale per tensor, or per output channel ("channel")
+    stochastic_rounding: bool = True  # int8: unbiased stochastic rounding (else round to nearest)
+    topk_fraction: float = 0.1  # topk: share of each tensor's entries sent
+    error_feedback: bool = True  # topk: entries not sent stay on the device and join its next update
+
+    def __post_init__(self) -> None:
+        if self.downlink not in DOWNLINK_SCHEMES:
+            raise ConfigError(f"compression.downlink: {self.downlink!r} is not one of {DOWNLINK_SCHEMES}")
+        try:
+            self.codec()
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+
+    def codec(self) -> Codec:
+        return Codec(self.uplink, self.int8_granularity, self.stochastic_rounding, self.topk_fraction,
+                     self.error_feedback)
+
+    @property
+    def enabled(self) -> bool:
+        return self.uplink != "none" or self.downlink != "fp32"
+
+
 SECTIONS: dict[str, type] = {
     "data": DataConfig, "model": ModelConfig, "train": TrainConfig,
     "strategy": StrategyConfig, "server": ServerConfig, "partition": PartitionConfig,
-    "privacy": PrivacyConfig, "secagg": SecAggConfig, "faults": FaultConfig,
+    "privacy": PrivacyConfig, "secagg": SecAggConfig, "faults": FaultConfig, "compression": CompressionConfig,
 }
 
 
@@ -323,6 +354,15 @@ class RunSettings:
     privacy: PrivacyConfig
     secagg: SecAggConfig
     faults: FaultConfig
+    compression: CompressionConfig = CompressionConfig()
+
+    def __post_init__(self) -> None:
+        if self.secagg.enabled and self.compression.enabled:
+            raise ConfigError(
+                "secagg.enabled = true cannot be combined with compression.uplink = "
+                f"{self.compression.uplink!r} / compression.downlink = {self.compression.downlink!r}: SecAgg+ "
+                "quantizes and masks the update itself (secagg.quantization-range); set compression.uplink = "
+                "\"none\" and compression.downlink = \"fp32\"")
 
     def to_flat(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
