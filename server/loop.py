@@ -24,6 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from server import privacy
 from server.compression import decode_replies, encode_downlink
 from server.secagg import secagg_train_round
+from server.simclock import job_seconds
 from server.strategies import min_train_nodes, restore_strategy_state, strategy_state
 from server.validation import screen_replies
 from shared_model.checkpoint import load_checkpoint, save_checkpoint
@@ -57,7 +58,7 @@ def arrays_to_head(settings: RunSettings, arrays: ArrayRecord) -> FusedRankingHe
     return model
 
 
-def _message_bytes(msgs: list[Message]) -> int:
+def message_bytes(msgs: list[Message]) -> int:
     total = 0
     for m in msgs:
         if m.has_content():
@@ -67,13 +68,30 @@ def _message_bytes(msgs: list[Message]) -> int:
     return total
 
 
+def simulated_round(grid: Grid, settings: RunSettings, rnd: int, msgs: list[Message]) -> tuple[list[Message], float]:
+    """The messages whose devices finish within ``faults.sim-timeout`` on the simulated device clock
+    (``server/simclock.py``; all of them when it is 0), and the round's simulated seconds: its slowest device's, or
+    the timeout when a device misses it. A device past the timeout is not sent its message: it could not have
+    replied in time, and its reply would be dropped (the round records it under ``timeouts``)."""
+    if not msgs:
+        return msgs, 0.0
+    ids = list(grid.get_node_ids())
+    pid_of: dict[int, int] = dict(getattr(grid, "partition_of", {})) or {n: i for i, n in enumerate(ids)}
+    took = [job_seconds(settings.faults, settings.server.seed, len(ids), pid_of.get(m.metadata.dst_node_id, 0), rnd)
+            for m in msgs]
+    limit = settings.faults.sim_timeout
+    if limit <= 0 or max(took) <= limit:
+        return msgs, max(took)
+    return [m for m, t in zip(msgs, took, strict=True) if t <= limit], limit
+
+
 def round_traffic(sent: list[Message], replies: list[Message]) -> dict[str, float]:
     """Bytes of a training round by Flower's own accounting (``Record.count_bytes``): in total (``bytes_sent``,
     ``bytes_received``; evaluation adds to these) and per device for the train messages alone
     (``upload_bytes_per_device``: mean over the replies; ``download_bytes_per_device``: mean over the sent)."""
-    down, up = _message_bytes(sent), _message_bytes([r for r in replies if not r.has_error()])
+    down, up = message_bytes(sent), message_bytes([r for r in replies if not r.has_error()])
     n_up = sum(1 for r in replies if not r.has_error())
-    return {"bytes_sent": down, "bytes_received": _message_bytes(replies),
+    return {"bytes_sent": down, "bytes_received": message_bytes(replies),
             "download_bytes_per_device": down / len(sent) if sent else 0.0,
             "upload_bytes_per_device": up / n_up if n_up else 0.0}
 
@@ -144,8 +162,8 @@ def run_rounds(
 ) -> LoopState:
     """Run rounds ``state.start_round .. server.num-rounds``; checkpoint after each one."""
     cfg = settings.server
-    ckpt_dir = out_dir / "checkpoints"
     shared = set(build_head(settings.model).shared_state_keys())
+    sim_clock = float(state.rounds[-1].get("sim_time", 0.0)) if state.rounds else 0.0
     for rnd in range(state.start_round, cfg.num_rounds + 1):
         t0 = time.perf_counter()
         random.seed(cfg.seed * 100_003 + rnd)  # Flower's samplers draw from `random`
@@ -157,15 +175,19 @@ def run_rounds(
             current = {k: v.numpy() for k, v in state.arrays.items()}
             reference = {k: v for k, v in current.items() if k in shared}
             out_msgs = list(strategy.configure_train(rnd, state.arrays, ConfigRecord(dict(train_config)), grid))
+            sampled = len(out_msgs)
+            out_msgs, sim_seconds = simulated_round(grid, settings, rnd, out_msgs)  # faults.sim-timeout
             encode_downlink(settings.compression, out_msgs)  # compression.downlink = "fp16"
             replies, stale = this_round_replies(out_msgs, grid.send_and_receive(out_msgs, timeout=cfg.round_timeout))
             traffic = round_traffic(out_msgs, replies)  # as they crossed the network: before decoding
             replies, undecodable = decode_replies(settings.compression, replies, current)
             screened = screen_replies(replies, reference, max_norm=max_update_norm)
             screened.rejected[:0] = undecodable
-            timeouts = len(out_msgs) - len(replies) - len(undecodable)  # no reply within server.round-timeout
+            # no reply within server.round-timeout, or past the simulated faults.sim-timeout
+            timeouts = sampled - len(replies) - len(undecodable)
+            sim_clock += sim_seconds
             record = {
-                "round": rnd, "sampled": len(out_msgs), "replied": len(replies) + len(undecodable),
+                "round": rnd, "sampled": sampled, "replied": len(replies) + len(undecodable), "sim_time": sim_clock,
                 "accepted": len(screened.accepted), "failures": len(screened.failed), "timeouts": timeouts,
                 "rejected": len(screened.rejected), "rejected_reasons": screened.rejected, "stale": stale,
                 **traffic,
@@ -184,17 +206,17 @@ def run_rounds(
                             rnd, len(screened.accepted), min_train_nodes(strategy))
                 record["train"] = {}
         if cfg.eval_every > 0 and (rnd % cfg.eval_every == 0 or rnd == cfg.num_rounds):
-            record["federated"] = _federated_eval(grid, strategy, settings, state.arrays, rnd, record, train_config)
+            record["federated"] = federated_eval(grid, strategy, settings, state.arrays, rnd, record, train_config)
             record["central"] = central_eval(arrays_to_head(settings, state.arrays))
         record["seconds"] = time.perf_counter() - t0
         state.rounds.append(record)
-        _checkpoint(settings, state, strategy, rnd, out_dir, ckpt_dir)
+        write_checkpoint(settings, state, strategy, rnd, out_dir)
         if on_round is not None:
             on_round(record)
     return state
 
 
-def _federated_eval(
+def federated_eval(
     grid: Grid, strategy: Strategy, settings: RunSettings, arrays: ArrayRecord, rnd: int, record: dict[str, Any],
     eval_config: ConfigRecord,
 ) -> dict[str, Any]:
@@ -204,8 +226,8 @@ def _federated_eval(
         return {}
     encode_downlink(settings.compression, msgs)
     replies, _ = this_round_replies(msgs, grid.send_and_receive(msgs, timeout=settings.server.round_timeout))
-    record["bytes_sent"] += _message_bytes(msgs)
-    record["bytes_received"] += _message_bytes(replies)
+    record["bytes_sent"] += message_bytes(msgs)
+    record["bytes_received"] += message_bytes(replies)
     screened = screen_replies(replies, {}, is_train=False)
     # screen_replies accepted only replies whose NUM_EXAMPLES is an int/float
     weight = sum(float(cast(float, m.content.metric_records[METRICS][NUM_EXAMPLES]))
@@ -222,9 +244,9 @@ def _federated_eval(
     return {"aggregated": dict(agg or {}), "per_client": per_client, "failures": len(screened.failed)}
 
 
-def _checkpoint(
-    settings: RunSettings, state: LoopState, strategy: Strategy, rnd: int, out_dir: Path, ckpt_dir: Path
-) -> None:
+def write_checkpoint(settings: RunSettings, state: LoopState, strategy: Strategy, rnd: int, out_dir: Path) -> None:
+    """``last.pt`` and ``checkpoints/round-NNN.pt``: the head, run config, strategy state and metrics so far."""
+    ckpt_dir = out_dir / "checkpoints"
     model = arrays_to_head(settings, state.arrays)
     run_config, strat = settings.to_flat(), strategy_state(strategy)
     seeds = {"server": settings.server.seed, "torch": torch.initial_seed()}

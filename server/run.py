@@ -12,11 +12,12 @@ import numpy as np
 from flwr.app import ConfigRecord
 from flwr.serverapp import Grid
 
+from server.buffered import run_buffered
 from server.loop import LoopState, init_state, run_rounds
 from server.nodes import PartitionOrderedGrid
 from server.privacy import privacy_report, wrap_strategy
 from server.report import plot_run
-from server.strategies import build_strategy
+from server.strategies import FedBuff, build_strategy
 from shared_model.config import RunSettings
 from shared_model.prepared import Prepared, prepare
 from shared_model.records import (
@@ -63,10 +64,11 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
     # seeded sampling picks the same devices in every launch and after resume
     ordered = PartitionOrderedGrid(grid)
     ordered.learn_partitions(timeout=settings.server.round_timeout)
-    state = run_rounds(ordered, strategy, settings, state, out, train_config,
-                       central_eval=lambda m: evaluate_model(m, test, table),
-                       on_round=on_round,
-                       max_update_norm=settings.faults.max_update_norm or None)  # 0 = no norm bound
+    loop = run_buffered if isinstance(strategy, FedBuff) else run_rounds  # strategy.name = "fedbuff": asynchronous
+    state = loop(ordered, strategy, settings, state, out, train_config,  # type: ignore[arg-type]
+                 central_eval=lambda m: evaluate_model(m, test, table),
+                 on_round=on_round,
+                 max_update_norm=settings.faults.max_update_norm or None)  # 0 = no norm bound
     if bar is not None:
         bar.close()
     results = build_results(settings, state, prep, time.perf_counter() - t_start)

@@ -11,7 +11,42 @@ from flwr.serverapp import strategy as fs
 from shared_model.config import STRATEGY_CLASSES, ConfigError, StrategyConfig
 from shared_model.records import ARRAYS, CONFIG, NUM_EXAMPLES
 
+
+class FedBuff(fs.FedAvg):
+    """Asynchronous buffered aggregation (Nguyen et al., "Federated Learning with Buffered Asynchronous
+    Aggregation", AISTATS 2022): ``concurrency`` devices train at once, each on the global head of the moment it
+    was dispatched; every ``buffer_size`` arrived updates the server steps
+    ``global += buffer_lr * sum_i n_i w_i delta_i / sum_i n_i`` with ``w_i = (1 + staleness_i) ** -exponent``
+    (staleness: server steps since the device got its head). Flower's FedAvg supplies the message construction,
+    the sampling of evaluation rounds and the checks; the event loop is ``server/buffered.py``."""
+
+    def __init__(self, *, concurrency: int, buffer_size: int, staleness_exponent: float, buffer_lr: float,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.concurrency, self.buffer_size = concurrency, buffer_size
+        self.staleness_exponent, self.buffer_lr = staleness_exponent, buffer_lr
+        self.async_state: dict[str, Any] = {}  # the event loop's state, checkpointed with the strategy
+
+    def staleness_weight(self, staleness: int) -> float:
+        return float((1.0 + staleness) ** -self.staleness_exponent)
+
+    def aggregate_buffer(self, current: dict[str, np.ndarray],
+                         updates: list[tuple[dict[str, np.ndarray], float, int]]) -> dict[str, np.ndarray]:
+        """The next global head from ``(delta, num_examples, staleness)`` updates: ``delta`` is what the device
+        learnt (its head minus the head it was dispatched with), already decoded and screened."""
+        total = sum(n for _, n, _ in updates)
+        if not updates or total <= 0:
+            return current
+        out = dict(current)
+        for k, g in current.items():
+            parts = [n * self.staleness_weight(s) * d[k].astype(np.float64) for d, n, s in updates if k in d]
+            if parts and g.dtype.kind == "f":
+                out[k] = (g + self.buffer_lr * np.sum(parts, axis=0) / total).astype(g.dtype)
+        return out
+
+
 STRATEGIES: dict[str, type[fs.Strategy]] = {name: getattr(fs, cls) for name, cls in STRATEGY_CLASSES.items()}
+STRATEGIES["fedbuff"] = FedBuff
 # server-side optimizer state that must survive a restart (FedOpt family: first and second moments)
 _STATE_ATTRS = ("m_t", "v_t")
 
@@ -40,6 +75,9 @@ def build_strategy(cfg: StrategyConfig) -> fs.Strategy:
         extra = {"beta": cfg.trim_beta}
     elif name == "krum":
         extra = {"num_malicious_nodes": cfg.num_malicious}
+    elif name == "fedbuff":
+        extra = {"concurrency": cfg.concurrency, "buffer_size": cfg.buffer_size,
+                 "staleness_exponent": cfg.staleness_exponent, "buffer_lr": cfg.buffer_lr}
     return STRATEGIES[name](**common, **extra)
 
 
@@ -72,6 +110,8 @@ def strategy_state(strategy: fs.Strategy) -> dict[str, Any]:
         state["wrapper"] = type(strategy).__name__
         if "Adaptive" in type(strategy).__name__:
             state["clipping_norm"] = float(strategy.clipping_norm)  # type: ignore[attr-defined]
+    if isinstance(inner, FedBuff) and inner.async_state:
+        state["async"] = inner.async_state  # clock, jobs in flight and their heads (server/buffered.py)
     for attr in _STATE_ATTRS:
         value = getattr(inner, attr, None)
         if value is not None:
@@ -84,6 +124,8 @@ def restore_strategy_state(strategy: fs.Strategy, state: dict[str, Any]) -> None
     inner = base_strategy(strategy)
     if state.get("class") not in (None, type(inner).__name__):
         raise ValueError(f"checkpoint holds {state.get('class')} state, but the run uses {type(inner).__name__}")
+    if "async" in state and isinstance(inner, FedBuff):
+        inner.async_state = state["async"]
     if "clipping_norm" in state and hasattr(strategy, "clipping_norm"):
         strategy.clipping_norm = float(state["clipping_norm"])
     for attr in _STATE_ATTRS:

@@ -176,7 +176,9 @@ STRATEGY_CLASSES = {
     "fedtrimmedavg": "FedTrimmedAvg",
     "krum": "Krum",
 }
-STRATEGY_NAMES = tuple(STRATEGY_CLASSES)
+# asynchronous strategies: the server's own loop (server/buffered.py) over a Flower FedAvg subclass
+ASYNC_STRATEGIES = ("fedbuff",)
+STRATEGY_NAMES = tuple(STRATEGY_CLASSES) + ASYNC_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -190,12 +192,26 @@ class StrategyConfig:
     server_lr: float = 0.01
     trim_beta: float = 0.2
     num_malicious: int = 0
+    # fedbuff (asynchronous, buffered): devices training at once, updates per server step, staleness weighting
+    concurrency: int = 30
+    buffer_size: int = 10
+    staleness_exponent: float = 0.5  # an update s server steps old counts (1 + s) ** -exponent
+    buffer_lr: float = 1.0  # server step size on the buffered mean update
 
     def __post_init__(self) -> None:
         if self.name.lower() not in STRATEGY_NAMES:
             raise ConfigError(f"strategy.name: {self.name!r} is not one of {STRATEGY_NAMES}")
         if not 0.0 < self.fraction_train <= 1.0 or not 0.0 <= self.fraction_evaluate <= 1.0:
             raise ConfigError("strategy.fraction-train must be in (0, 1] and strategy.fraction-evaluate in [0, 1]")
+        if self.concurrency < 1 or not 1 <= self.buffer_size <= self.concurrency:
+            raise ConfigError(f"strategy.buffer-size ({self.buffer_size}) must be in [1, strategy.concurrency "
+                              f"({self.concurrency})]")
+        if self.staleness_exponent < 0 or self.buffer_lr <= 0:
+            raise ConfigError("strategy.staleness-exponent must be >= 0 and strategy.buffer-lr > 0")
+
+    @property
+    def is_async(self) -> bool:
+        return self.name.lower() in ASYNC_STRATEGIES
 
 
 @dataclass(frozen=True)
@@ -292,8 +308,19 @@ class FaultConfig:
     byzantine_attack: str = "sign-flip"
     byzantine_scale: float = 5.0
     max_update_norm: float = 0.0
+    # simulated device time (server/simclock.py): a training job takes job-seconds, slow-factor times that on a
+    # seeded slow-fraction of the devices; rounds and asynchronous updates are stamped with this clock
+    job_seconds: float = 1.0
+    slow_fraction: float = 0.0
+    slow_factor: float = 5.0
+    sim_timeout: float = 0.0  # synchronous rounds: simulated seconds the server waits (0 = for every device)
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.slow_fraction <= 1.0 or self.slow_factor < 1.0 or self.job_seconds <= 0:
+            raise ConfigError("faults.slow-fraction must be in [0, 1], faults.slow-factor >= 1 and "
+                              "faults.job-seconds > 0")
+        if self.sim_timeout < 0:
+            raise ConfigError("faults.sim-timeout must be >= 0 (0: no simulated timeout)")
         for name in ("crash_prob", "straggler_prob", "byzantine_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
@@ -357,6 +384,11 @@ class RunSettings:
     compression: CompressionConfig = CompressionConfig()
 
     def __post_init__(self) -> None:
+        if self.strategy.is_async and (self.secagg.enabled or self.privacy.mode != "none"):
+            raise ConfigError(
+                f"strategy.name = {self.strategy.name!r} cannot be combined with secagg.enabled = "
+                f"{str(self.secagg.enabled).lower()} / privacy.mode = {self.privacy.mode!r}: SecAgg+ needs a "
+                "synchronous cohort, and the DP accountant counts synchronous rounds of sampled devices")
         if self.secagg.enabled and self.compression.enabled:
             raise ConfigError(
                 "secagg.enabled = true cannot be combined with compression.uplink = "
