@@ -61,8 +61,12 @@ def make_compression_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
         # what the device received, in fp32 (an fp16 downlink is widened exactly)
         received = {k: (v.astype(np.float32) if v.dtype == np.float16 else v)
                     for k, v in _arrays(msg.content.array_records[ARRAYS]).items()}
+        sent = msg.content.array_records[ARRAYS]
         msg.content[ARRAYS] = _record(received)
-        reply = call_next(msg, ctxt)
+        try:
+            reply = call_next(msg, ctxt)
+        finally:
+            msg.content[ARRAYS] = sent  # the message as it arrived, for the mods outside this one
         if kind != MessageType.TRAIN or c.uplink == "none" or reply.has_error() or not reply.has_content():
             return reply
         if ARRAYS not in reply.content.array_records:
@@ -79,12 +83,12 @@ def make_compression_mod(overrides: Mapping[str, Any] | None = None) -> Mod:
         pid = int(cast(int, ctxt.node_config.get("partition-id", ctxt.node_id)))
         # stochastic rounding: seeded per run, round and device, so a run repeats (zlib.crc32: a stable hash)
         rng = np.random.default_rng([s.server.seed, rnd, pid, zlib.crc32(b"compression")])
-        payload, sent = codec.encode(delta, rng)
+        payload, decoded = codec.encode(delta, rng)
         bound = _dp_bound(s.privacy.mode, msg)
         if bound is not None:
-            payload, sent = codec.within_norm(payload, sent, bound)
+            payload, decoded = codec.within_norm(payload, decoded, bound)
         if codec.uses_residual:
-            ctxt.state[RESIDUAL] = _record({k: delta[k] - sent[k] for k in delta})
+            ctxt.state[RESIDUAL] = _record({k: delta[k] - decoded[k] for k in delta})
         reply.content[ARRAYS] = _record(payload)
         reply.content[COMPRESSION] = ConfigRecord({SCHEME_KEY: codec.scheme})
         return reply

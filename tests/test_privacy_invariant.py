@@ -29,6 +29,7 @@ from flwr.proto.message_pb2 import Message as ProtoMessage
 from ray import cloudpickle
 
 import shared_model.records as records
+from shared_model.compression import COMPRESSION, CompressionError, decode
 from shared_model.config import RunSettings, parse_run_config
 from shared_model.head import PERSONAL_PREFIX, build_head
 from shared_model.records import ARRAYS, METRICS, NUM_EXAMPLES, PARTITION_ID
@@ -60,11 +61,15 @@ def _strings(content: RecordDict) -> Iterator[str]:
 
 
 def inspect_reply(msg: Message, head_shapes: Mapping[str, tuple[int, ...]],
-                  forbidden: frozenset[str] = frozenset(), optional_keys: frozenset[str] = frozenset()) -> list[str]:
+                  forbidden: frozenset[str] = frozenset(), optional_keys: frozenset[str] = frozenset(),
+                  compression: str = "none") -> list[str]:
     """What, in a reply a device sends, is not head arrays or scalar metrics (empty list: nothing).
 
     ``head_shapes``: the head's state-dict keys and shapes. ``optional_keys``: head keys a reply may leave out
-    (personal layers). ``forbidden``: strings that must not travel (item ids, queries).
+    (personal layers). ``forbidden``: strings that must not travel (item ids, queries). ``compression``: the run's
+    ``compression.uplink``; when set, a train reply's arrays must be exactly an encoded update of the head's arrays
+    (int8 values and scales, or top-k indices and values, that decode to the head's shapes) and the one config
+    record allowed is the scheme's name.
     """
     if msg.has_error():
         return [f"error reply: {msg.error.reason}"]
@@ -72,11 +77,16 @@ def inspect_reply(msg: Message, head_shapes: Mapping[str, tuple[int, ...]],
         return ["reply without content"]
     content = msg.content
     problems: list[str] = []
+    compressed = compression != "none" and COMPRESSION in content.config_records
     for name in content:
-        if name not in RECORD_NAMES:
+        if name not in RECORD_NAMES and not (compressed and name == COMPRESSION):
             problems.append(f"unexpected record {name!r} ({type(content[name]).__name__})")
-    if content.config_records:
+    if compressed and dict(content.config_records[COMPRESSION]) != {"scheme": compression}:
+        problems.append(f"compression record {dict(content.config_records[COMPRESSION])} is not the scheme alone")
+    if set(content.config_records) - ({COMPRESSION} if compressed else set()):
         problems.append(f"config records {sorted(content.config_records)}: strings/bytes would travel")
+    if compressed:
+        return problems + _inspect_encoded(content, compression, head_shapes, optional_keys)
     for name, arrays in content.array_records.items():
         keys = set(arrays.keys())
         missing = set(head_shapes) - keys - optional_keys
@@ -99,6 +109,27 @@ def inspect_reply(msg: Message, head_shapes: Mapping[str, tuple[int, ...]],
     leaked = sorted({s for s in _strings(content) if s in forbidden})
     if leaked:
         problems.append(f"marketplace strings travel: {leaked[:3]}")
+    return problems
+
+
+def _inspect_encoded(content: RecordDict, scheme: str, head_shapes: Mapping[str, tuple[int, ...]],
+                     optional_keys: frozenset[str]) -> list[str]:
+    problems: list[str] = []
+    if set(content.array_records) != {ARRAYS}:
+        return [f"array records {sorted(content.array_records)}: only {ARRAYS!r} may travel"]
+    payload = {k: v.numpy() for k, v in content.array_records[ARRAYS].items()}
+    sent = {k.split("#", 1)[0] for k in payload}
+    if set(head_shapes) - sent - optional_keys or sent - set(head_shapes):
+        problems.append(f"encoded arrays name {sorted(sent)[:3]}..., not the head's keys")
+        return problems
+    try:  # decodes to exactly the head's arrays: nothing else is hidden in the payload
+        decode(scheme, payload, {k: np.zeros(head_shapes[k], np.float32) for k in sent})
+    except CompressionError as e:
+        problems.append(f"{ARRAYS}: {e}")
+    for name, metrics in content.metric_records.items():
+        for k, v in metrics.items():
+            if k not in DECLARED_KEYS or isinstance(v, bool) or not isinstance(v, int | float):
+                problems.append(f"{name}[{k}]: not a declared int/float scalar")
     return problems
 
 
@@ -226,6 +257,54 @@ def dp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSettings, list[
         "privacy.mode": "client-fixed", "privacy.noise-multiplier": 0.5, "privacy.clipping-norm": 2.0})
 
 
+@pytest.fixture(scope="module")
+def compressed_buffered_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSettings, list[tuple[Message, Message]], Any]:
+    return _federated_run(tmp_path_factory.mktemp("privacy-compressed"), {
+        "compression.uplink": "int8", "compression.downlink": "fp16", "strategy.name": "fedbuff",
+        "strategy.concurrency": 6, "strategy.buffer-size": 4})
+
+
+@pytest.fixture(scope="module")
+def dp_compressed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[RunSettings, list[tuple[Message, Message]], Any]:
+    return _federated_run(tmp_path_factory.mktemp("privacy-dp-topk"), {
+        "privacy.mode": "client-fixed", "privacy.noise-multiplier": 0.5, "privacy.clipping-norm": 2.0,
+        "compression.uplink": "topk", "compression.topk-fraction": 0.1})
+
+
+@pytest.mark.slow
+def test_compressed_buffered_run_sends_only_an_encoded_update_and_scalar_metrics(compressed_buffered_run) -> None:
+    """int8 updates against an fp16 global head, aggregated asynchronously: every train reply is an encoded
+    update of exactly the head's arrays plus the scheme's name; evaluate and query replies are as without."""
+    settings, pairs, prep = compressed_buffered_run
+    shapes, forbidden = _head_shapes(settings), _forbidden(prep)
+    trains = [(i, r) for i, r in pairs if r.metadata.message_type == MessageType.TRAIN]
+    assert len(trains) >= 4  # one buffered step
+    for _, reply in pairs:
+        assert not inspect_reply(reply, shapes, forbidden, compression="int8"), inspect_reply(
+            reply, shapes, forbidden, compression="int8")
+    for inbound, reply in trains:
+        assert all(str(a.dtype) == "float16" for a in inbound.content[ARRAYS].values())  # the fp16 downlink
+        assert {str(a.dtype) for a in reply.content[ARRAYS].values()} == {"int8", "float32"}  # values, scales
+        assert reply.content[COMPRESSION]["scheme"] == "int8"
+
+
+@pytest.mark.slow
+def test_dp_with_compression_sends_an_encoded_update_within_the_clipping_norm(dp_compressed_run) -> None:
+    """client-fixed DP then top-k with error feedback: the decoded update a device sends stays within the
+    clipping norm the server's noise is sized for, and carries ``num-examples = 1`` only."""
+    settings, pairs, prep = dp_compressed_run
+    shapes, forbidden = _head_shapes(settings), _forbidden(prep)
+    kinds = [reply.metadata.message_type for _, reply in pairs]
+    assert kinds.count(MessageType.TRAIN) == settings.partition.num_clients and MessageType.EVALUATE not in kinds
+    for _, reply in pairs:
+        assert not inspect_reply(reply, shapes, forbidden, compression="topk")
+        if reply.metadata.message_type == MessageType.TRAIN:
+            assert dict(reply.content[METRICS]) == {NUM_EXAMPLES: 1}
+            payload = {k: v.numpy() for k, v in reply.content[ARRAYS].items()}
+            delta = decode("topk", payload, {k: np.zeros(shapes[k], np.float32) for k in shapes})
+            assert np.sqrt(sum(float(np.sum(d.astype(np.float64) ** 2)) for d in delta.values())) <= 2.0
+
+
 @pytest.mark.slow
 def test_dp_run_sends_only_clipped_arrays_and_the_constant_weight(dp_run) -> None:
     """Under DP (client-fixed here) a train reply carries the head arrays and ``num-examples = 1`` only, and no
@@ -283,7 +362,13 @@ def test_personal_layers_stay_on_the_device(personal_run) -> None:
 SHAPES = {"body.0.weight": (4, 3), "out.weight": (1, 4)}
 
 
+
+
 def _reply(content: RecordDict) -> Message:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    if TaskIdentity._run_id is None:  # Flower's Message needs a task identity outside a run
+        TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
     req = Message(content=RecordDict(), message_type=MessageType.TRAIN, dst_node_id=5)
     return Message(content=content, reply_to=req)
 
@@ -311,4 +396,31 @@ def test_inspector_accepts_a_clean_reply() -> None:
 def test_inspector_rejects_a_leak(leak: dict[str, Any], expected: str) -> None:
     content = RecordDict({**_good(), **leak})
     problems = inspect_reply(_reply(content), SHAPES, frozenset({"i17", "red shoes"}))
+    assert any(expected in p for p in problems), problems
+
+
+def _encoded(scheme: str, extra: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    from shared_model.compression import Codec
+
+    payload, _ = Codec(scheme, fraction=0.5).encode({k: np.ones(s, np.float32) for k, s in SHAPES.items()},
+                                                    np.random.default_rng(0))
+    payload.update(extra or {})
+    return {ARRAYS: ArrayRecord({k: Array(v) for k, v in payload.items()}),
+            METRICS: MetricRecord({NUM_EXAMPLES: 12}), COMPRESSION: ConfigRecord({"scheme": scheme})}
+
+
+@pytest.mark.parametrize("scheme", ["fp16", "int8", "topk"])
+def test_inspector_accepts_an_encoded_update(scheme: str) -> None:
+    assert inspect_reply(_reply(RecordDict(_encoded(scheme))), SHAPES, frozenset({"i17"}), compression=scheme) == []
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    (_encoded("int8", {"user-history#scale": np.ones(1, np.float32)}), "not the head's keys"),
+    (_encoded("topk", {"out.weight#idx": np.array([0, 17], np.int32)}), "out.weight"),
+    ({**_encoded("int8"), COMPRESSION: ConfigRecord({"scheme": "int8", "q": "red shoes"})}, "scheme alone"),
+    ({**_encoded("int8"), "log": ConfigRecord({"q": "red shoes"})}, "unexpected record 'log'"),
+], ids=["extra-array", "indices-past-the-tensor", "string-in-scheme-record", "extra-record"])
+def test_inspector_rejects_a_leak_in_an_encoded_update(content: dict[str, Any], expected: str) -> None:
+    problems = inspect_reply(_reply(RecordDict(content)), SHAPES, frozenset({"i17", "red shoes"}),
+                             compression=content[COMPRESSION]["scheme"])
     assert any(expected in p for p in problems), problems

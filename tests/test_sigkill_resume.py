@@ -50,17 +50,25 @@ def _central(res: dict) -> list[dict]:
     return [r["central"] for r in res["rounds"]]
 
 
-def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path) -> None:
+# compressed updates (int8, stochastic rounding seeded per round and device; fp16 global head) and asynchronous
+# buffered aggregation: the event state (clock, jobs in flight, their heads) is in the checkpoint
+BUFFERED = ["--set", 'compression.uplink="int8"', "--set", 'compression.downlink="fp16"',
+            "--set", 'strategy.name="fedbuff"', "--set", "strategy.concurrency=6", "--set", "strategy.buffer-size=3",
+            "--set", "faults.slow-fraction=0.3"]
+
+
+@pytest.mark.parametrize("extra", [[], BUFFERED], ids=["fedavg", "fedbuff-int8"])
+def test_sigkill_mid_run_then_resume_matches_uninterrupted(tmp_path: Path, extra: list[str]) -> None:
     # Prepare: the uninterrupted reference
     ref_dir, out = tmp_path / "reference", tmp_path / "run"
-    _simulate(tmp_path, "--scenario", "smoke", "--rounds", str(ROUNDS), "--out", str(ref_dir))
+    _simulate(tmp_path, "--scenario", "smoke", "--rounds", str(ROUNDS), "--out", str(ref_dir), *extra)
     reference = json.loads((ref_dir / "results.json").read_text())
 
     # Execute: the same run in its own process group, SIGKILLed once its round-2 checkpoint exists
     tag = uuid.uuid4().hex
     log_path = tmp_path / "killed.log"
     cmd = [str(BIN / "fedrank"), "simulate", "--scenario", "smoke", "--rounds", str(ROUNDS), "--out", str(out),
-           "--no-reference"]
+           "--no-reference", *extra]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path, tag), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
