@@ -13,12 +13,17 @@ export OMP_WAIT_POLICY := PASSIVE
 
 .PHONY: install demo test test-fast lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml web/package-lock.json
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: an unpinned torch pulls a multi-GB CUDA build
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e ".[export,dev]"
+	# the browser runtime's tests (tests/test_web_*.py): Debian's Chromium (needs root, as CI runs), and
+	# onnxruntime-web from web/package-lock.json (no browser download: Playwright drives /usr/bin/chromium)
+	command -v chromium >/dev/null || { test "$$(id -u)" = 0 && apt-get update -qq && apt-get install -y -qq chromium; } \
+		|| echo "warning: chromium is not installed (apt-get needs root): the browser tests will skip"
+	cd web && npm ci --no-audit --no-fund --ignore-scripts
 	@touch $(STAMP)
 
 install: $(STAMP)

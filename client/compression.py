@@ -39,7 +39,7 @@ def _dp_bound(mode: str, msg: Message) -> float | None:
     rounding; top-k with error feedback adds the residual of earlier rounds), and the noise is sized for it."""
     if mode not in ("client-fixed", "client-adaptive"):
         return None  # no DP, local DP (noise added on the device, encoding is post-processing), or the server clips
-    cfg = msg.content.config_records[CONFIG] if CONFIG in msg.content.config_records else {}
+    cfg = msg.content.config_records.get(CONFIG, ConfigRecord())
     if KEY_CLIPPING_NORM not in cfg:
         raise ValueError(f"privacy.mode={mode!r}: the train config has no {KEY_CLIPPING_NORM!r} to bound the upload")
     return float(cast(float, cfg[KEY_CLIPPING_NORM]))

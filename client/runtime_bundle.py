@@ -11,6 +11,8 @@ A bundle is one directory::
     tokenizer.json           the text encoder's tokenizer (``tokenizers`` library)
     text_encoder.<q>.onnx    text encoder with pooling and L2 norm: input_ids, attention_mask -> text_embedding
     text_encoder.<q>.tflite  the same, one signature per token length (``t16``, ``t32``, ``t64``; batch 1)
+    text_encoder.static.npz  OR (compact bundles, ``--query-encoder static``) instead of the two above: a static
+                             token-embedding table for both backends (:data:`STATIC_ENCODER_ARRAYS`, numpy only)
     image_encoder.<q>.onnx   EfficientNet-Lite0 trunk + average pooling: pixels -> image_embedding
     image_encoder.<q>.tflite the same, one signature ``b1`` (batch 1)
     head.<q>.onnx            the fused ranking head: 9 inputs -> scores [batch, slate] (dynamic batch and slate)
@@ -28,6 +30,8 @@ those bytes -- never from the path again, so a file that changes on disk afterwa
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
 import json
@@ -49,9 +53,23 @@ TOKENIZER = "tokenizer.json"
 CATALOG = "catalog.npz"
 COMPONENTS = ("text_encoder", "image_encoder", "head")
 BACKENDS = ("onnx", "tflite")
+PROFILES = ("full", "compact")  # compact: static query encoder, no image encoder (manifest "profile")
 CATALOG_ARRAYS = (
     "text_q", "text_scale", "image_q", "image_scale", "video_q", "video_scale", "mask", "dense", "price",
 )
+
+# The static query encoder (``text_encoder.static.npz``; manifest: the text encoder's file for both backends, its
+# ``files`` entry has ``"kind": "static"``). Arrays, all little-endian, no pickles:
+#   table_q     int8    [V, K]  token rows (V = the tokenizer's vocabulary size), row t ~ table_q[t] * table_scale[t]
+#   table_scale float32 [V]     one scale per row (0 for an all-zero row)
+#   projection  float32 [K, D]  into the text encoder's space (D = manifest dims.text)
+#   bias        float32 [D]
+#   skip_ids    int64   [n]     token ids left out of the mean ([CLS], [SEP], [PAD])
+# encode(text) = l2norm(mean(rows of the kept ids, else zeros [K]) @ projection + bias), ids from tokenizer.json
+# truncated at tokenizer.max_length (export/static_encoder.py has the recipe).
+STATIC_ENCODER_FILE = "text_encoder.static.npz"
+STATIC_ENCODER_ARRAYS = ("table_q", "table_scale", "projection", "bias", "skip_ids")
+STATIC_KIND = "static"
 
 HEAD_OUTPUT = "scores"
 TEXT_INPUTS = ("input_ids", "attention_mask")
@@ -301,3 +319,176 @@ class PackedCatalog:
         if arrays["dense"].ndim != 2 or arrays["dense"].shape[0] != n:
             raise BundleError(name, f"array dense has shape {arrays['dense'].shape}, expected ({n}, D)")
         return cls(list(item_ids), arrays)
+
+
+# ------------------------------------------------------------------------------------ candidates from the server
+
+CANDIDATES_VERSION = 1
+CANDIDATE_ARRAYS = CATALOG_ARRAYS  # the request's per-candidate arrays: the names (and layout) of catalog.npz
+CANDIDATE_OPTIONAL = ("retrieval_scores", "first_stage_ranks")
+_INT8_FIELDS = ("text_q", "image_q", "video_q")
+
+
+@dataclass
+class CandidateRows:
+    """Candidates as the head gets them, in the request's order (float32 unless said otherwise).
+
+    ``text [S, Dt]``, ``image [S, Di]``, ``video [S, Di]`` dequantised embeddings; ``mask [S, NUM_MODALITIES]``
+    bool; ``dense [S, ITEM_DENSE_DIM]``; ``price [S]`` float64 raw prices (NaN = unknown).
+    """
+
+    item_ids: list[str]
+    text: np.ndarray
+    image: np.ndarray
+    video: np.ndarray
+    mask: np.ndarray
+    dense: np.ndarray
+    price: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    @classmethod
+    def from_catalog(cls, catalog: PackedCatalog, item_ids: list[str], rows: np.ndarray) -> CandidateRows:
+        a = catalog.arrays
+        return cls(list(item_ids), catalog.modality("text", rows), catalog.modality("image", rows),
+                   catalog.modality("video", rows), a["mask"][rows].astype(bool), a["dense"][rows].astype(np.float32),
+                   a["price"][rows].astype(np.float64))
+
+
+def parse_candidates(request: Any, dims: dict[str, int], dense_dim: int, field: str = "candidates",
+                     max_candidates: int | None = None, history: bool = False
+                     ) -> tuple[CandidateRows, np.ndarray | None, np.ndarray | None]:
+    """Check and decode a candidates request (format: ``client.runtime.Reranker.rerank_candidates``).
+
+    Returns ``(rows, retrieval_scores [S] | None, first_stage_ranks [S] | None)``. ``dims``: the manifest's
+    ``{"text": Dt, "image": Di}``; ``dense_dim``: the per-item dense width; ``history``: the rows of a shopper's
+    recent items (may be empty, an item may repeat). A bad field raises :class:`RerankInputError` naming it
+    (``candidates.text_q``, ...).
+    """
+    if not isinstance(request, dict):
+        raise RerankInputError(field, f"expected a mapping of field -> array, got {type(request).__name__}")
+    version = request.get("version")
+    if version != CANDIDATES_VERSION:
+        raise RerankInputError(f"{field}.version", f"{version!r}: this runtime reads version {CANDIDATES_VERSION}")
+    ids = request.get("item_ids")
+    if isinstance(ids, np.ndarray):
+        ids = ids.tolist()
+    if not isinstance(ids, list | tuple) or not all(isinstance(i, str) and i for i in ids):
+        raise RerankInputError(f"{field}.item_ids", "expected a list of non-empty strings")
+    s = len(ids)
+    if s == 0 and not history:
+        raise RerankInputError(f"{field}.item_ids", "no candidates")
+    if max_candidates is not None and s > max_candidates:
+        raise RerankInputError(f"{field}.item_ids", f"{s} candidates; at most {max_candidates}")
+    if len(set(ids)) != s and not history:
+        dup = next(i for n, i in enumerate(ids) if i in ids[:n])
+        raise RerankInputError(f"{field}.item_ids", f"item id {dup!r} twice: one row per candidate")
+    want: dict[str, tuple[str, tuple[int, ...]]] = {
+        "text_q": ("int8", (s, dims["text"])), "image_q": ("int8", (s, dims["image"])),
+        "video_q": ("int8", (s, dims["image"])), "text_scale": ("float32", (s,)), "image_scale": ("float32", (s,)),
+        "video_scale": ("float32", (s,)), "mask": ("bool", (s, NUM_MODALITIES)), "dense": ("float32", (s, dense_dim)),
+        "price": ("float64", (s,)),
+    }
+    arrays = {k: _field_array(request, k, dtype, shape, field) for k, (dtype, shape) in want.items()}
+    for k in ("text_scale", "image_scale", "video_scale"):
+        if (arrays[k] < 0).any():
+            raise RerankInputError(f"{field}.{k}", "negative scale")
+    extra = {k: _field_array(request, k, "float32", (s,), field) if request.get(k) is not None else None
+             for k in CANDIDATE_OPTIONAL}
+    rows = CandidateRows(list(ids), unpack_rows(arrays["text_q"], arrays["text_scale"]),
+                         unpack_rows(arrays["image_q"], arrays["image_scale"]),
+                         unpack_rows(arrays["video_q"], arrays["video_scale"]), arrays["mask"], arrays["dense"],
+                         arrays["price"])
+    return rows, extra["retrieval_scores"], extra["first_stage_ranks"]
+
+
+def _field_array(request: dict[str, Any], key: str, dtype: str, shape: tuple[int, ...], field: str) -> np.ndarray:
+    name = f"{field}.{key}"
+    if key not in request or request[key] is None:
+        raise RerankInputError(name, "missing")
+    value = request[key]
+    try:
+        if isinstance(value, dict):  # the JSON form: {"dtype", "shape", "data": base64 of little-endian bytes}
+            value = _from_b64(value)
+        raw = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise RerankInputError(name, f"not an array: {e}") from e
+    if raw.shape != shape:
+        raise RerankInputError(name, f"shape {raw.shape}, expected {shape}")
+    if dtype == "bool":
+        if raw.dtype != bool and not (np.issubdtype(raw.dtype, np.number) and np.isin(raw, (0, 1)).all()):
+            raise RerankInputError(name, "expected 0/1 (or booleans)")
+        return raw.astype(bool)
+    if raw.dtype == bool or not np.issubdtype(raw.dtype, np.number):
+        raise RerankInputError(name, f"expected numbers ({dtype}), got {raw.dtype}")
+    if dtype == "int8":
+        if raw.dtype == np.int8:
+            return raw
+        if not np.issubdtype(raw.dtype, np.integer) and not np.array_equal(raw, np.round(raw)):
+            raise RerankInputError(name, "expected integers (int8)")
+        if ((raw < -128) | (raw > 127)).any():
+            raise RerankInputError(name, "values outside int8 [-128, 127]")
+        return raw.astype(np.int8)
+    out = raw.astype(dtype)
+    bad = ~np.isfinite(out) if key != "price" else np.isinf(out)  # a missing price is NaN
+    if bad.any():
+        raise RerankInputError(name, "NaN or infinite values" if key != "price" else "infinite values")
+    return out
+
+
+def candidates_request(catalog: PackedCatalog, item_ids: list[str], retrieval_scores: Any = None,
+                       first_stage_ranks: Any = None) -> dict[str, Any]:
+    """The candidates request a search API would send for ``item_ids``, built from a bundle's catalog rows (tests,
+    the JS parity test, and a server that packs its feature store the same way). Arrays are numpy; see
+    :func:`request_to_json` for the wire form. Unknown ids raise ``RerankInputError("item_ids", ...)``."""
+    rows = [catalog.row(i) for i in item_ids]
+    unknown = [i for i, r in zip(item_ids, rows, strict=True) if r is None]
+    if unknown:
+        raise RerankInputError("item_ids", f"{len(unknown)} id(s) not in the catalog, e.g. {unknown[:5]}")
+    idx = np.asarray(rows, np.int64)
+    req: dict[str, Any] = {"version": CANDIDATES_VERSION, "item_ids": list(item_ids)}
+    for k in CANDIDATE_ARRAYS:
+        a = catalog.arrays[k][idx]
+        req[k] = a.astype(bool) if k == "mask" else a
+    if retrieval_scores is not None:
+        req["retrieval_scores"] = np.asarray(retrieval_scores, np.float32)
+    if first_stage_ranks is not None:
+        req["first_stage_ranks"] = np.asarray(first_stage_ranks, np.float32)
+    return req
+
+
+def request_to_json(request: dict[str, Any]) -> dict[str, Any]:
+    """A JSON-ready copy of a request: every array as ``{"dtype", "shape", "data"}`` with ``data`` the base64 of
+    its little-endian, C-order bytes (``mask`` as uint8 0/1); ``version`` and ``item_ids`` as they are."""
+    out: dict[str, Any] = {}
+    for k, v in request.items():
+        if k in ("version", "item_ids") or v is None:
+            out[k] = list(v) if k == "item_ids" else v
+            continue
+        a = np.asarray(v)
+        a = a.astype(np.uint8) if a.dtype == bool else a.astype(a.dtype.newbyteorder("<"))
+        out[k] = {"dtype": a.dtype.name, "shape": list(a.shape),
+                  "data": base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")}
+    return out
+
+
+_B64_DTYPES = ("int8", "uint8", "float32", "float64")
+
+
+def _from_b64(obj: dict[str, Any]) -> np.ndarray:
+    dtype, shape, data = obj.get("dtype"), obj.get("shape"), obj.get("data")
+    if dtype not in _B64_DTYPES:
+        raise ValueError(f"dtype {dtype!r}: expected one of {_B64_DTYPES}")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError("'shape' must be a list of non-negative integers")
+    if not isinstance(data, str):
+        raise ValueError("'data' must be a base64 string")
+    try:
+        raw = base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"'data' is not valid base64 ({e})") from e
+    a = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"))
+    if a.size != int(np.prod(shape)):
+        raise ValueError(f"{a.size} values for shape {shape}")
+    return a.reshape(shape).astype(np.dtype(dtype))

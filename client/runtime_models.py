@@ -8,20 +8,29 @@ truncates or chunks inputs longer than ``max_size``). On top of it, :func:`encod
 
 Every model is created from the verified bytes of its file (``runtime_bundle.read_bundle_file``), never from its
 path: ONNX Runtime parses them, LiteRT runs on them in memory (given a path, LiteRT maps the file, and a file
-that shrinks underneath a mapped interpreter kills the process with SIGBUS).
+that shrinks underneath a mapped interpreter kills the process with SIGBUS). A compact bundle's static query
+encoder (:class:`StaticTextModel`) is numpy only and serves both backends.
 
 Torch-free, like the rest of the runtime: imports numpy, and ``onnxruntime`` or ``ai_edge_litert`` lazily.
 """
 
 from __future__ import annotations
 
+import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from client.runtime_bundle import HEAD_OUTPUT, IMAGE_OUTPUT, TEXT_OUTPUT, BundleError
+from client.runtime_bundle import (
+    HEAD_OUTPUT,
+    IMAGE_OUTPUT,
+    STATIC_ENCODER_ARRAYS,
+    STATIC_KIND,
+    TEXT_OUTPUT,
+    BundleError,
+)
 
 # per component: the axis whose size names a TFLite signature (export/spec.py: ExportSpec.signature_axis) and the
 # output a TFLite signature is read from
@@ -101,6 +110,66 @@ class TfliteModel(ExportedModel):
         return np.asarray(self.runners[key](**padded)[self.output])
 
 
+class StaticTextModel(ExportedModel):
+    """The static query encoder (``text_encoder.static.npz``, layout in ``client/runtime_bundle.py``): numpy only,
+    the same on every backend. ``run`` takes the text encoder's inputs (``input_ids``, ``attention_mask``
+    ``[B, T]``) and returns ``[B, D]``; :meth:`encode_ids` is the one-text fast path::
+
+        keep = ids not in skip_ids;  v = mean(table_q[keep] * table_scale[keep]) (zeros [K] if none)
+        e = v @ projection + bias;   return e / max(|e|, 1e-12)
+    """
+
+    def __init__(self, arrays: dict[str, np.ndarray], name: str) -> None:
+        q, scale, proj, bias, skip = (arrays[k] for k in STATIC_ENCODER_ARRAYS)
+        want = {"table_q": (np.int8, 2), "table_scale": (np.float32, 1), "projection": (np.float32, 2),
+                "bias": (np.float32, 1), "skip_ids": (np.int64, 1)}
+        for k, (dtype, ndim) in want.items():
+            a = arrays[k]
+            if a.dtype != dtype or a.ndim != ndim:
+                raise BundleError(name, f"array {k} is {a.dtype} with {a.ndim} axes, expected {np.dtype(dtype)} "
+                                        f"with {ndim}")
+        v, k_dim = q.shape
+        for k, shape in {"table_scale": (v,), "projection": (k_dim, bias.shape[0])}.items():
+            if arrays[k].shape != shape:
+                raise BundleError(name, f"array {k} has shape {arrays[k].shape}, expected {shape}")
+        if skip.size and (skip.min() < 0 or skip.max() >= v):
+            raise BundleError(name, f"array skip_ids holds ids outside the table's {v} rows")
+        if not all(np.isfinite(a).all() for a in (scale, proj, bias)):
+            raise BundleError(name, "NaN or infinite values in table_scale, projection or bias")
+        self.table_q, self.table_scale = q, scale
+        self.projection, self.bias = proj, bias
+        self.keep = np.ones(v, dtype=bool)
+        self.keep[skip] = False
+        self.vocab_size, self.dim = v, int(bias.shape[0])
+
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str) -> StaticTextModel:
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # zip/npy errors of all kinds: a corrupt file
+            raise BundleError(name, f"cannot read the static encoder ({e.__class__.__name__}: {e})") from e
+        missing = [k for k in STATIC_ENCODER_ARRAYS if k not in arrays]
+        if missing:
+            raise BundleError(name, f"missing arrays {missing}")
+        return cls(arrays, name)
+
+    def encode_ids(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """``[D]`` float32 embedding of one tokenised text."""
+        x = np.asarray(ids, dtype=np.int64)
+        x = x[self.keep[x]]  # [n] kept token ids
+        if x.size:
+            v = (self.table_scale[x] @ self.table_q[x].astype(np.float32)) / np.float32(x.size)  # [K]
+        else:
+            v = np.zeros(self.table_q.shape[1], np.float32)
+        e = v @ self.projection + self.bias  # [D]
+        return (e / max(float(np.linalg.norm(e)), 1e-12)).astype(np.float32)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        ids, mask = np.asarray(feeds["input_ids"]), np.asarray(feeds["attention_mask"])
+        return np.stack([self.encode_ids(ids[b][mask[b] > 0]) for b in range(ids.shape[0])])
+
+
 def _fits(feeds: dict[str, np.ndarray], inputs: dict[str, tuple[tuple[int, ...], Any]]) -> bool:
     return all(len(v.shape) == len(inputs[n][0]) and all(a <= b for a, b in zip(v.shape, inputs[n][0], strict=True))
                for n, v in feeds.items())
@@ -118,7 +187,11 @@ def _zero_pad(x: np.ndarray, shape: tuple[int, ...], dtype: Any) -> np.ndarray:
 def open_model(backend: str, model: bytes, name: str, entry: dict[str, Any], component: str,
                num_threads: int) -> ExportedModel:
     """The exported file ``name`` of ``component`` for ``backend``, from its (verified) bytes ``model``; ``entry``
-    is its manifest record."""
+    is its manifest record (``"kind": "static"``: the static query encoder, whatever the backend)."""
+    if entry.get("kind") == STATIC_KIND:
+        if component != "text_encoder":
+            raise BundleError(name, f"a static encoder cannot serve as the {component}")
+        return StaticTextModel.from_bytes(model, name)
     if backend == "onnx":
         return OnnxModel(model, name, num_threads)
     axis, output = COMPONENT_IO[component]
@@ -133,6 +206,8 @@ def open_model(backend: str, model: bytes, name: str, entry: dict[str, Any], com
 
 def encode_tokens(model: ExportedModel, ids: list[int]) -> np.ndarray:
     """``[Dt]`` float32 text embedding of one tokenised text (``ids`` incl. [CLS]/[SEP]; cut at ``max_size``)."""
+    if isinstance(model, StaticTextModel):
+        return model.encode_ids(ids)
     if model.max_size is not None:
         ids = ids[: model.max_size]
     x = np.asarray(ids, dtype=np.int64)[None, :]  # [1, T]

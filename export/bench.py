@@ -34,9 +34,12 @@ def bench_spec(bundle: str | os.PathLike[str], tokens: int = 16, candidates: int
     """The request every backend times: a query of exactly ``tokens`` tokens, candidates and recent items."""
     from tokenizers import Tokenizer
 
-    from client.runtime_bundle import read_manifest
+    from client.runtime_bundle import MANIFEST, BundleError, read_manifest
 
     man = read_manifest(bundle)
+    if "catalog" not in man:
+        raise BundleError(MANIFEST, "this bundle has no catalog (exported with --no-catalog): the benchmark draws "
+                                    "its candidates from a catalog; benchmark the same export with its catalog")
     tok = Tokenizer.from_file(str(Path(bundle) / man["tokenizer"]["file"]))
     tok.no_padding()
     tok.no_truncation()

@@ -13,6 +13,14 @@ Precision per file, from ``quantize`` (``int8`` | ``fp16`` | ``none``):
 * image encoder: "as far as fidelity allows" -- the candidates are tried from the smallest (``int8``: ONNX
   static QDQ int8 / LiteRT dynamic-range int8, then fp16, then fp32) and the first that reaches the cosine bar is
   kept; every tried precision and its measured cosine are recorded in the manifest.
+
+Query encoder (``query_encoder``): ``minilm`` (default) exports the text encoder as above; ``static`` distils a
+static token-embedding table from it instead (``export/static_encoder.py``; int8 table, numpy on the device, one
+file for both backends), validated against its own fp32 reference (cosine) and, through the runtime, on the
+held-out slates like any bundle; its ranking cost against the full text encoder (torch NDCG@10 on the same
+slates) is measured and must stay within ``static_ndcg_cost_bar``. Profiles (:meth:`ExportOptions.for_profile`):
+``full`` (MiniLM + image encoder) and ``compact`` (static query encoder, no image encoder: text-query reranking
+only, no search by photo).
 """
 
 from __future__ import annotations
@@ -36,12 +44,17 @@ import torch
 from client.runtime_bundle import (
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
+    CANDIDATE_ARRAYS,
+    CANDIDATE_OPTIONAL,
+    CANDIDATES_VERSION,
     CATALOG,
+    PROFILES,
+    STATIC_KIND,
     TOKENIZER,
     sha256_file,
     write_manifest,
 )
-from export.catalog import pack_catalog
+from export.catalog import pack_catalog, packed_catalog
 from export.errors import ExportError, ExportValidationError
 from export.onnx_export import export_onnx, quantize_onnx, share_weights
 from export.probes import (
@@ -59,6 +72,8 @@ from export.spec import (
     HEAD_SIGNATURE_SLATES,
     PIPELINE_NDCG_BAR,
     PIPELINE_TAU_BAR,
+    STATIC_NDCG_COST_BAR,
+    TEXT_COSINE_BAR,
     ExportSpec,
     head_spec,
     image_spec,
@@ -66,7 +81,7 @@ from export.spec import (
     text_spec,
 )
 from export.tflite_export import convert_tflite, finalize_tflite, quantize_tflite
-from export.validate import Probe, pipeline_fidelity, torch_reference, validate_onnx, validate_tflite
+from export.validate import HeldOut, Probe, pipeline_fidelity, torch_reference, validate_onnx, validate_tflite
 from shared_model.head import FusedRankingHead
 from shared_model.head_features import DENSE_DIM, HISTORY_LEN, IMAGE_DIM, SLATE_DENSE_NAMES
 from shared_model.outdir import locked_dir, scratch_dir, stage_into
@@ -75,6 +90,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int8", "fp16", "none")
 TARGETS = ("onnx", "tflite")
+QUERY_ENCODERS = ("minilm", "static")
 VALUE_CHECKS = ("cosine_min", "kendall_tau_mean")  # misses that make the image encoder fall back
 _PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
              "tokenizers", "numpy", "transformers")
@@ -90,6 +106,10 @@ class ExportOptions:
     max_slates: int = 2000  # held-out slates scored for the pipeline check (a sample is noisy near the bar)
     seed: int = 0
     overwrite: bool = False
+    query_encoder: str = "minilm"  # or "static": a distilled token-embedding table (export/static_encoder.py)
+    static_dim: int = 128  # the static table's width (30,522 x 128 int8 = 3.9 MB)
+    static_ndcg_cost_bar: float | None = STATIC_NDCG_COST_BAR  # max NDCG@10 lost to MiniLM (torch, held out)
+    ship_catalog: bool = True  # False: no catalog.npz; the device reranks server-sent candidates only
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
@@ -97,6 +117,26 @@ class ExportOptions:
             raise ExportError(f"targets {list(self.targets)}: choose from {TARGETS}")
         if self.quantize not in QUANTIZE_CHOICES:
             raise ExportError(f"quantize {self.quantize!r}: choose from {QUANTIZE_CHOICES}")
+        if self.query_encoder not in QUERY_ENCODERS:
+            raise ExportError(f"query_encoder {self.query_encoder!r}: choose from {QUERY_ENCODERS}")
+        if not 1 <= self.static_dim <= 384:
+            raise ExportError(f"static_dim {self.static_dim}: must be in 1..384")
+
+    @classmethod
+    def for_profile(cls, profile: str, **overrides: Any) -> ExportOptions:
+        """``full``: MiniLM query encoder + image encoder (the defaults); ``compact``: the static query encoder and
+        no image encoder (text-query reranking only; no search by photo). ``overrides`` win."""
+        if profile not in PROFILES:
+            raise ExportError(f"profile {profile!r}: choose from {PROFILES}")
+        base: dict[str, Any] = {"query_encoder": "static", "image_encoder": False} if profile == "compact" else {}
+        return cls(**{**base, **overrides})
+
+    @property
+    def profile(self) -> str:
+        """``full``, ``compact``, or ``custom`` (any other mix)."""
+        if self.query_encoder == "static" and not self.image_encoder:
+            return "compact"
+        return "full" if self.query_encoder == "minilm" and self.image_encoder else "custom"
 
 
 @dataclass
@@ -202,12 +242,16 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
     # text encoder ---------------------------------------------------------------------------------------------
     tspec = text_spec(opts.max_length)
     texts = probe_texts(prep, store, rng)
-    tprobes = text_probes(tspec, tokenizer, texts, torch_reference(text, tspec))
-    components["text_encoder"] = _export_component(
-        tspec, text, text_feeds(tokenizer, texts, 0), tprobes, _precisions(opts.quantize, fallback=False),
-        opts, staging, work, files)
-    components["text_encoder"].update(dim=tspec.output.shape[1], version=_version(text, opts.max_length),
-                                      **tspec.notes)
+    query_text: torch.nn.Module = text  # what encodes queries on the device (the held-out reference uses it)
+    if opts.query_encoder == "static":
+        query_text = _export_static_encoder(src, text, tokenizer, texts, opts, staging, files, components)
+    else:
+        tprobes = text_probes(tspec, tokenizer, texts, torch_reference(text, tspec))
+        components["text_encoder"] = _export_component(
+            tspec, text, text_feeds(tokenizer, texts, 0), tprobes, _precisions(opts.quantize, fallback=False),
+            opts, staging, work, files)
+        components["text_encoder"].update(dim=tspec.output.shape[1], version=_version(text, opts.max_length),
+                                          **tspec.notes)
     log.info("text encoder exported (%.1f s)", time.perf_counter() - t0)
 
     # image encoder --------------------------------------------------------------------------------------------
@@ -238,22 +282,79 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
 
     # tokenizer, catalog, manifest -----------------------------------------------------------------------------
     files[TOKENIZER] = {"component": "tokenizer", "bytes": tok_file.stat().st_size, "sha256": sha256_file(tok_file)}
-    files[CATALOG] = pack_catalog(store, src.catalog if src.catalog is not None else prep.catalog, staging / CATALOG)
+    item_catalog = src.catalog if src.catalog is not None else prep.catalog
+    requests_from = None  # without a shipped catalog, the pipeline is checked through server-style requests
+    if opts.ship_catalog:
+        files[CATALOG] = pack_catalog(store, item_catalog, staging / CATALOG)
+    else:
+        requests_from = packed_catalog(store, item_catalog)
     manifest = _manifest(src, opts, files, components, store, tspec)
     _write_manifest(staging, manifest)
 
     # whole pipeline through the on-device runtime -------------------------------------------------------------
-    held = held_out(prep, store, text, head, tokenizer, opts.max_slates, opts.max_length, opts.seed)
+    held = held_out(prep, store, query_text, head, tokenizer, opts.max_slates, opts.max_length, opts.seed)
     manifest["pipeline_fidelity"] = {}
     for backend in opts.targets:
-        res = pipeline_fidelity(staging, backend, held)
-        manifest["pipeline_fidelity"][backend] = res
+        res = pipeline_fidelity(staging, backend, held, requests_from)
+        manifest["pipeline_fidelity"][backend] = {**res, "via": "catalog" if opts.ship_catalog else "requests"}
         log.info("pipeline[%s]: ndcg@10 delta %+.5f, kendall tau %.4f over %d held-out slates", backend,
                  res["ndcg@10_delta"], res["kendall_tau_mean"], res["slates"])
     manifest["bars"]["pipeline"] = {"abs_ndcg@10_delta_max": PIPELINE_NDCG_BAR, "kendall_tau_mean_min": PIPELINE_TAU_BAR}
+    if opts.query_encoder == "static":  # what the static encoder costs against the full one, same slates
+        full = held_out(prep, store, text, head, tokenizer, opts.max_slates, opts.max_length, opts.seed)
+        manifest["query_encoder_cost"] = _query_encoder_cost(held, full, manifest["pipeline_fidelity"], opts)
     manifest["export_seconds"] = round(time.perf_counter() - t0, 1)
     _write_manifest(staging, manifest)
     return manifest
+
+
+def _export_static_encoder(src: Sources, text: torch.nn.Module, tokenizer: Any, texts: list[str],
+                           opts: ExportOptions, staging: Path, files: dict[str, dict[str, Any]],
+                           components: dict[str, dict[str, Any]]) -> torch.nn.Module:
+    """Distil, write and validate the static query encoder; returns its fp32 module (the held-out reference)."""
+    from export.static_encoder import distill_static, encode_texts, export_static, fit_texts
+
+    rng = np.random.default_rng(opts.seed + 1)
+    catalog = src.catalog if src.catalog is not None else src.prepared.catalog
+    tables = distill_static(text, tokenizer, fit_texts(src.prepared, catalog, rng), opts.static_dim,
+                            opts.max_length, opts.seed)
+    tokenizer.enable_truncation(max_length=opts.max_length)
+    name, rec = export_static(tables, staging, tokenizer, texts, opts.max_length, TEXT_COSINE_BAR,
+                              reference=encode_texts(text, tokenizer, texts))
+    files[name] = rec
+    components["text_encoder"] = {
+        "files": {backend: name for backend in opts.targets}, "kind": STATIC_KIND,
+        "dim": int(tables.projection.shape[1]), "table_dim": tables.dim,
+        "version": f"static|{_version(text, opts.max_length)}|dim={tables.dim}|v1",
+        "distilled_from": _version(text, opts.max_length), "distillation": tables.info,
+        "pooling": "mean of the table rows of the token ids not in skip_ids (zeros if none), then projection + "
+                   "bias, then L2 normalisation", "max_length": opts.max_length,
+    }
+    return tables.module()
+
+
+def _query_encoder_cost(held: HeldOut, full: HeldOut, pipeline: dict[str, Any], opts: ExportOptions
+                        ) -> dict[str, Any]:
+    """NDCG@10 of the static query encoder's pipeline against the full text encoder's, on the same held-out
+    slates (torch fp32 both; and each backend's exported pipeline). Raises when the loss exceeds the bar."""
+    from shared_model.metrics import ndcg_at_k
+
+    def ndcg(scores: np.ndarray, h: HeldOut) -> float:
+        return float(np.nanmean(ndcg_at_k(np.where(h.mask, scores, -1e9), h.grades, h.mask)))
+
+    if not (np.array_equal(held.mask, full.mask) and held.candidates == full.candidates):
+        raise ExportError("internal: the static and full held-out slates differ")  # same selection by design
+    base, mine = ndcg(full.reference, full), ndcg(held.reference, held)
+    out: dict[str, Any] = {"slates": len(held.queries), "ndcg@10_text_encoder_torch": base,
+                           "ndcg@10_static_torch": mine, "ndcg@10_delta_torch": mine - base,
+                           "ndcg@10_delta_exported": {b: r["ndcg@10_exported"] - base for b, r in pipeline.items()},
+                           "bar_abs_loss_max": opts.static_ndcg_cost_bar}
+    log.info("static query encoder: ndcg@10 %.4f vs %.4f with the full text encoder (delta %+.4f)", mine, base,
+             mine - base)
+    if opts.static_ndcg_cost_bar is not None and not base - mine <= opts.static_ndcg_cost_bar:
+        raise ExportValidationError("text_encoder.static.npz", "ndcg@10 loss vs the full text encoder (torch)",
+                                    base - mine, opts.static_ndcg_cost_bar)
+    return out
 
 
 def _export_component(spec: ExportSpec, module: torch.nn.Module, trace_sample: dict[str, np.ndarray],
@@ -272,7 +373,7 @@ def _export_component(spec: ExportSpec, module: torch.nn.Module, trace_sample: d
 
         def onnx_candidate(prec: str) -> tuple[Path, str, dict[str, Any]]:
             onnx_prec = "int8-static" if (prec == "int8" and spec.component == "image_encoder") else prec
-            dst = work / f"{spec.component}.{prec}.onnx"
+            dst = work / f"{spec.component}.{prec}.candidate.onnx"  # not the fp32 export itself (quantize none)
             with _quiet_root():
                 desc = quantize_onnx(fp32, dst, onnx_prec, calibration, spec.onnx_weight_only,
                                      spec.onnx_block_size, spec.onnx_accuracy_level)
@@ -358,14 +459,19 @@ def _manifest(src: Sources, opts: ExportOptions, files: dict[str, Any], componen
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "targets": list(opts.targets),
         "quantize": opts.quantize,
+        "profile": opts.profile,
+        "query_encoder": opts.query_encoder,
         "checkpoint": src.checkpoint_info,
         "dims": {"text": int(tspec.output.shape[1]), "image": IMAGE_DIM, "dense": int(src.head.cfg.dense_dim)},
         "tokenizer": {"file": TOKENIZER, "max_length": opts.max_length, "padding": "none (exact length) for ONNX; "
                       "zero-padded to the next signature for TFLite"},
         "components": components,
-        "catalog": {"file": CATALOG, "num_items": len(store.item_ids), "item_ids": list(store.item_ids),
-                    "dense_names": list(store.dense_names), "history_len": HISTORY_LEN,
-                    "embeddings": "int8 per row with float32 scales: x = q * scale"},
+        **({"catalog": {"file": CATALOG, "num_items": len(store.item_ids), "item_ids": list(store.item_ids),
+                        "dense_names": list(store.dense_names), "history_len": HISTORY_LEN,
+                        "embeddings": "int8 per row with float32 scales: x = q * scale"}} if opts.ship_catalog else {}),
+        "candidates": {"version": CANDIDATES_VERSION, "arrays": list(CANDIDATE_ARRAYS),
+                       "optional": list(CANDIDATE_OPTIONAL), "dense_names": list(store.dense_names),
+                       "history_len": HISTORY_LEN, "format": "client.runtime.Reranker.rerank_candidates"},
         "files": files,
         "bars": {"text_encoder_cosine_min": tspec.bar, "image_encoder_cosine_min": image_spec().bar,
                  "head_kendall_tau_mean_min": head_spec(DENSE_DIM).bar},

@@ -13,10 +13,16 @@ from client.runtime_bundle import PackedCatalog, sha256_file
 from shared_model.head_features import MODALITIES
 
 
+def packed_catalog(store: Any, catalog: Any) -> PackedCatalog:
+    """``store`` (a FeatureStore; prices from ``catalog``) as the bundle's int8 catalog, in memory: also the rows a
+    search API sends a device in a candidates request (``client.runtime_bundle.candidates_request``)."""
+    return PackedCatalog.from_float(store.item_ids, store.text, store.image, store.video, store.mask, store.dense,
+                                    _prices(catalog, store))
+
+
 def pack_catalog(store: Any, catalog: Any, path: Path) -> dict[str, Any]:
     """Write ``store`` (a FeatureStore; prices from ``catalog``) to ``path``; returns its manifest ``files`` entry."""
-    packed = PackedCatalog.from_float(store.item_ids, store.text, store.image, store.video, store.mask,
-                                      store.dense, _prices(catalog, store))
+    packed = packed_catalog(store, catalog)
     packed.save(path)
     return {"component": "catalog", "bytes": path.stat().st_size, "sha256": sha256_file(path),
             "quantization": "int8 per row (symmetric, one float32 scale per row) for text/image/video",

@@ -34,6 +34,15 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--data", help="data folder for the held-out fidelity check (default: the checkpoint's)")
     e.add_argument("--max-slates", type=int, default=2000, help="held-out slates for the pipeline check")
     e.add_argument("--no-image-encoder", action="store_true", help="leave out the image encoder (no photo search)")
+    e.add_argument("--profile", default="full", choices=["full", "compact"],
+                   help="full: MiniLM query encoder + image encoder; compact: a static query encoder distilled from "
+                        "MiniLM and no image encoder (text-query reranking only, no search by photo)")
+    e.add_argument("--query-encoder", choices=["minilm", "static"],
+                   help="override the profile's query encoder (static: int8 token table, numpy on the device)")
+    e.add_argument("--static-dim", type=int, default=128, help="width of the static encoder's table (default 128)")
+    e.add_argument("--no-catalog", action="store_true",
+                   help="ship no catalog.npz: the device reranks candidates whose rows come in the request "
+                        "(Reranker.rerank_candidates); validated through such requests")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     e.set_defaults(func=cmd_export)
 
@@ -42,7 +51,9 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--bundle", required=True)
     r.add_argument("--query", help="text query")
     r.add_argument("--query-image", help="search by photo: an image file")
-    r.add_argument("--candidates", required=True,
+    r.add_argument("--request", help="instead of --candidates: a JSON candidates request (the candidates' int8 "
+                                     "rows, as a search API sends them; format: Reranker.rerank_candidates)")
+    r.add_argument("--candidates",
                    help="UTF-8 file with one candidate item id per line, in first-stage order (the whole line, "
                         "trimmed: spaces inside an id are kept); optionally a TAB and the first-stage score "
                         "(ID<TAB>SCORE), on every line or on none; blank lines are skipped, a repeated id is left "
@@ -72,12 +83,11 @@ def add_commands(subparsers: Any) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.bundle import ExportOptions, export_from_checkpoint
+    from export.bundle import export_from_checkpoint
     from export.errors import ExportError, ExportValidationError
 
     try:
-        opts = ExportOptions(targets=_split(args.targets), quantize=args.quantize, max_slates=args.max_slates,
-                             image_encoder=not args.no_image_encoder, overwrite=args.overwrite)
+        opts = export_options(args)
         man = export_from_checkpoint(args.checkpoint, args.out, catalog=args.catalog, data=args.data, options=opts)
     except ExportValidationError as e:
         print(f"fedrank export: error: {one_line(e)}", file=sys.stderr)
@@ -89,19 +99,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def export_options(args: argparse.Namespace) -> Any:
+    """``ExportOptions`` from ``fedrank export``'s arguments: the profile's settings, then explicit flags."""
+    from export.bundle import ExportOptions
+
+    overrides: dict[str, Any] = {"targets": _split(args.targets), "quantize": args.quantize,
+                                 "max_slates": args.max_slates, "overwrite": args.overwrite,
+                                 "static_dim": args.static_dim, "ship_catalog": not args.no_catalog}
+    if args.no_image_encoder:
+        overrides["image_encoder"] = False
+    if args.query_encoder:
+        overrides["query_encoder"] = args.query_encoder
+    return ExportOptions.for_profile(args.profile, **overrides)
+
+
 def cmd_rerank(args: argparse.Namespace) -> int:
     from client.runtime import BundleError, Reranker, RerankInputError
 
     try:
-        cands = read_id_file(args.candidates, "--candidates", scores=True)
+        if (args.candidates is None) == (args.request is None):
+            raise RerankInputError("--candidates", "give --candidates (ids) or --request (a JSON request), one of them")
         recent = read_id_file(args.recent, "--recent") if args.recent else None
-        for path, ids in ((args.candidates, cands), (args.recent, recent)):
-            if ids is not None:
-                _warn_duplicates("rerank", path, ids.duplicates)
+        if recent is not None:
+            _warn_duplicates("rerank", args.recent, recent.duplicates)
         rr = Reranker.load(args.bundle, backend=args.backend)
-        ranked = rr.rerank(args.query, cands.ids, None if recent is None else recent.ids,
-                           query_image=args.query_image, retrieval_scores=cands.scores,
-                           skip_unknown=args.skip_unknown)
+        if args.request is not None:
+            ranked = rr.rerank_candidates(args.query, _read_request(args.request),
+                                          None if recent is None else recent.ids, query_image=args.query_image)
+        else:
+            cands = read_id_file(args.candidates, "--candidates", scores=True)
+            _warn_duplicates("rerank", args.candidates, cands.duplicates)
+            ranked = rr.rerank(args.query, cands.ids, None if recent is None else recent.ids,
+                               query_image=args.query_image, retrieval_scores=cands.scores,
+                               skip_unknown=args.skip_unknown)
     except (BundleError, RerankInputError) as e:
         print(f"fedrank rerank: error: {one_line(e)}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -157,6 +187,12 @@ def print_manifest(man: dict[str, Any], out: str) -> None:
         p.add_row(backend, str(r["slates"]), f"{r['ndcg@10_torch']:.4f}", f"{r['ndcg@10_exported']:.4f}",
                   f"{r['ndcg@10_delta']:+.5f}", f"{r['kendall_tau_mean']:.4f}")
     con.print(p)
+    cost = man.get("query_encoder_cost")
+    if cost:
+        exported = ", ".join(f"{b} {d:+.4f}" for b, d in cost["ndcg@10_delta_exported"].items())
+        con.print(f"static query encoder vs the full text encoder on the same {cost['slates']} held-out slates: "
+                  f"NDCG@10 {cost['ndcg@10_static_torch']:.4f} vs {cost['ndcg@10_text_encoder_torch']:.4f} (torch, "
+                  f"delta {cost['ndcg@10_delta_torch']:+.4f}; exported pipelines: {exported})")
 
 
 def _fidelity_text(rec: dict[str, Any]) -> str:
@@ -171,6 +207,18 @@ def _fidelity_text(rec: dict[str, Any]) -> str:
     if "text_cosine_min" in f:
         return ", ".join(f"{k.split('_')[0]} cos min {v:.4f}" for k, v in f.items())
     return ""
+
+
+def _read_request(path: str) -> Any:
+    """A JSON candidates request (``client.runtime_bundle.request_to_json`` writes the wire form)."""
+    from client.runtime_bundle import RerankInputError
+
+    text = _read_utf8(path, "--request", lambda line, field, problem: RerankInputError(
+        "--request", f"{path}:{line}: {problem}"))
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise RerankInputError("--request", f"{path}:{e.lineno}: not valid JSON ({e.msg})") from e
 
 
 def _split(s: str) -> tuple[str, ...]:

@@ -41,6 +41,7 @@ IMAGE_COSINE_BAR = 0.99  # min over probe images; decides the image encoder's pr
 HEAD_TAU_BAR = 0.95  # mean Kendall tau of exported vs torch fp32 head scores over probe slates
 PIPELINE_NDCG_BAR = 0.002  # |NDCG@10(exported pipeline) - NDCG@10(torch fp32 pipeline)| on held-out slates
 PIPELINE_TAU_BAR = 0.9  # mean Kendall tau of exported vs torch fp32 pipeline scores on held-out slates
+STATIC_NDCG_COST_BAR = 0.01  # max NDCG@10 a static query encoder may lose to the full text encoder (torch, held out)
 FP32_ATOL = 1e-3  # max abs diff of an unquantised file (values are O(1))
 
 

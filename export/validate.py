@@ -212,9 +212,15 @@ class HeldOut:
     reference: np.ndarray  # [N, S] torch fp32 pipeline scores (0 at padding)
 
 
-def pipeline_fidelity(bundle_dir: Path, backend: str, held: HeldOut) -> dict[str, float]:
-    """Score ``held`` through the runtime and compare with torch fp32 (raises on a miss of a bar)."""
+def pipeline_fidelity(bundle_dir: Path, backend: str, held: HeldOut, requests_from: Any = None
+                      ) -> dict[str, float]:
+    """Score ``held`` through the runtime and compare with torch fp32 (raises on a miss of a bar).
+
+    ``requests_from`` (a ``PackedCatalog``): score through server-style candidates requests built from it
+    (``Reranker.score_candidates``, recent items as rows too) instead of the bundle's catalog -- for a bundle
+    that ships none."""
     from client.runtime import Reranker
+    from client.runtime_bundle import candidates_request
     from export.spec import PIPELINE_NDCG_BAR, PIPELINE_TAU_BAR
 
     rr = Reranker.load(bundle_dir, backend=backend, num_threads=1)
@@ -223,8 +229,13 @@ def pipeline_fidelity(bundle_dir: Path, backend: str, held: HeldOut) -> dict[str
     for i, q in enumerate(held.queries):
         if q not in q_cache:
             q_cache[q] = rr.encode_query(q)
-        _, s = rr.score(q, held.candidates[i], held.recent[i], retrieval_scores=held.retrieval[i],
-                        first_stage_ranks=held.ranks[i], query_emb=q_cache[q])
+        if requests_from is None:
+            _, s = rr.score(q, held.candidates[i], held.recent[i], retrieval_scores=held.retrieval[i],
+                            first_stage_ranks=held.ranks[i], query_emb=q_cache[q])
+        else:
+            req = candidates_request(requests_from, held.candidates[i], held.retrieval[i], held.ranks[i])
+            recent = candidates_request(requests_from, held.recent[i]) if held.recent[i] else None
+            _, s = rr.score_candidates(q, req, recent_items=recent, query_emb=q_cache[q])
         got[i, : len(s)] = s
     ref_ndcg = float(np.nanmean(ndcg_at_k(np.where(held.mask, held.reference, -1e9), held.grades, held.mask)))
     exp_ndcg = float(np.nanmean(ndcg_at_k(np.where(held.mask, got, -1e9), held.grades, held.mask)))

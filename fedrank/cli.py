@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from deploy.cli import add_commands as add_deploy_commands
 from export.cli import add_commands as add_export_commands
 from export.errors import ExportError
+from export.shop import add_commands as add_shop_commands
 from shared_model.console import EXIT_BAD_INPUT, one_line
 from shared_model.outdir import INTERRUPTED
 from simulations.cli import add_commands as add_simulation_commands
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulation_commands(sub)  # generate, train, baselines, evaluate, simulate, demo
     add_log_commands(sub)  # import-logs, export-logs
     add_export_commands(sub)  # export, rerank, bench
+    add_shop_commands(sub)  # shop: the demo shop page (web/)
     add_deploy_commands(sub)  # deploy certs | up | down | status | run
     return p
 
