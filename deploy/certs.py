@@ -6,7 +6,8 @@
   loopback addresses (``127.0.0.1``, ``::1``, ``localhost`` by default): the SuperLink's ``--ssl-certfile`` and
   ``--ssl-keyfile`` (Flower 1.41 serves its Fleet, Control and Runtime APIs with that one certificate);
 - SuperNode authentication keys: an EC P-384 key pair per node in OpenSSH format, the format that
-  ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read.
+  ``flower-supernode --auth-supernode-private-key`` and ``flwr supernode register`` read (the checks of key files
+  and CA certificates handed over between hosts are in :mod:`deploy.keys`).
 
 Private keys are written with mode 0600, every file atomically (a temporary file renamed into place).
 """

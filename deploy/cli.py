@@ -1,18 +1,21 @@
-"""``fedrank deploy {certs,up,run,down,status}``: registered by :func:`add_commands`.
+"""``fedrank deploy {certs,up,run,down,status,server,register,node-key,node}``: registered by :func:`add_commands`.
 
 Handlers parse arguments, call :mod:`deploy.cluster` / :mod:`deploy.certs` / :mod:`deploy.supervise` and print
 for people; they return an exit code: 0 ok; 2 input the command cannot use (a ``ValueError``: bad port, state
 folder, TLS files, run-config key), one line naming it; 1 a process that would not start or a run that failed,
-with the tail of its log.
+with the tail of its log. The commands of a deployment across hosts (``server``, ``register``, ``node-key``,
+``node``) are in :mod:`deploy.cli_remote`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
+
+from deploy.cli_remote import add_remote_commands
+from deploy.errors import report as _error
 
 DEFAULT_STATE = "runs/deploy"
 
@@ -20,11 +23,13 @@ DEFAULT_STATE = "runs/deploy"
 def add_commands(subparsers: Any) -> None:
     """Register ``deploy`` (with its own sub-commands) on an ``argparse`` ``add_subparsers()`` object."""
     d = subparsers.add_parser(
-        "deploy", help="run the federation on real Flower processes on this machine (TLS, SuperNode auth)",
+        "deploy", help="run the federation on real Flower processes (TLS, SuperNode auth), here or across hosts",
         description="A SuperLink and N SuperNodes on loopback with TLS, SuperNode authentication and persistent "
-                    "SuperLink state; then `flwr run . NAME --stream --run-config STATE/run-config.toml`.")
+                    "SuperLink state (`up`); then `flwr run . NAME --stream --run-config STATE/run-config.toml` "
+                    "or `deploy run`. Across hosts: `server` on the SuperLink's host, `node-key` and `node` on "
+                    "each device.")
     d.set_defaults(func=lambda a: (d.print_help(), 2)[1])
-    sub = d.add_subparsers(dest="deploy_command", metavar="{certs,up,run,down,status}")
+    sub = d.add_subparsers(dest="deploy_command", metavar="{certs,up,run,down,status,server,register,node-key,node}")
 
     c = sub.add_parser("certs", help="create a private CA and a server certificate for loopback",
                        description="Write ca.crt, ca.key, server.pem, server.key (existing files are kept).")
@@ -64,9 +69,12 @@ def add_commands(subparsers: Any) -> None:
     r.add_argument("--status-every", type=float, default=10.0, help="seconds between run-status checks")
     r.add_argument("--limit", type=float, help="give up after this many seconds")
     r.add_argument("--json", action="store_true", help="print the run report as JSON")
+    r.add_argument("--node-wait", type=float, default=300.0,
+                   help="`deploy server` deployments: seconds to wait for the registered SuperNodes to come online "
+                        "before submitting (then the run starts with those online)")
     r.set_defaults(func=cmd_run)
 
-    dn = sub.add_parser("down", help="stop every process `deploy up` started (safe to call twice)")
+    dn = sub.add_parser("down", help="stop every process `deploy up`, `server` or `node` started (safe to call twice)")
     _state_opt(dn)
     dn.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
     dn.set_defaults(func=cmd_down)
@@ -77,19 +85,11 @@ def add_commands(subparsers: Any) -> None:
     s.set_defaults(func=cmd_status)
 
 
+    add_remote_commands(sub)
+
+
 def _state_opt(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", default=DEFAULT_STATE, help=f"deployment state folder (default {DEFAULT_STATE})")
-
-
-def _error(cmd: str, e: Exception) -> int:
-    """Bad input (a ``ValueError``): one line naming it, exit 2; anything else: the whole message, exit 1."""
-    from shared_model.console import EXIT_BAD_INPUT, one_line
-
-    if isinstance(e, ValueError):
-        print(f"fedrank deploy {cmd}: error: {one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(f"fedrank deploy {cmd}: error: {e}", file=sys.stderr)
-    return 1
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -147,8 +147,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if args.max_resubmits < 0 or args.status_every <= 0:
             raise ValueError("--max-resubmits must be >= 0 and --status-every > 0")
+        if args.node_wait < 0:
+            raise ValueError(f"--node-wait {args.node_wait}: must be >= 0")
         rep = supervise(RunOptions(state=Path(args.state), max_resubmits=args.max_resubmits,
-                                   status_every=args.status_every, limit=args.limit), on_event=show)
+                                   status_every=args.status_every, limit=args.limit, node_wait=args.node_wait),
+                        on_event=show)
     except (DeployError, ValueError) as e:
         return _error("run", e)
     if args.json:

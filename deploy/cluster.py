@@ -30,7 +30,7 @@ from deploy.launch import start
 from deploy.ports import DEFAULT_PORT, HOST, check_port_numbers, pick_ports
 from deploy.processes import pid_alive, recorded, running, stop_processes
 from deploy.runconfig import prepare_shards, resolve_run_config, run_config_overrides, write_run_config
-from deploy.state import STATE_FILE, Deployment, Layout, locked, read_deployment, write_deployment
+from deploy.state import STATE_FILE, Deployment, Layout, check_kind, locked, read_deployment, write_deployment
 
 DEFAULT_NAME = "fedrank"
 
@@ -76,6 +76,7 @@ def _check_state_folder(layout: Layout, name: str) -> Deployment | None:
     if prev is None:
         _check_not_foreign(layout)
         return None
+    check_kind(prev, layout, "local")
     alive = running(prev.processes)
     if alive:
         pids = ", ".join(f"{p['role']} {p['pid']}" for p in alive)

@@ -15,3 +15,17 @@ class DeployError(RuntimeError):
 
 class DeployInputError(DeployError, ValueError):
     """Input ``fedrank deploy`` cannot use (a port, a folder, a TLS file, an option); the message names it."""
+
+
+def report(cmd: str, e: Exception) -> int:
+    """``fedrank deploy CMD``'s error: bad input (a ``ValueError``) on one line naming it, exit 2; anything else
+    with its whole message (a process's log tail), exit 1."""
+    import sys
+
+    from shared_model.console import EXIT_BAD_INPUT, one_line
+
+    if isinstance(e, ValueError):
+        print(f"fedrank deploy {cmd}: error: {one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"fedrank deploy {cmd}: error: {e}", file=sys.stderr)
+    return 1

@@ -13,7 +13,7 @@ from typing import Any
 from deploy.certs import CertPaths, NodeKey
 from deploy.errors import DeployError
 from deploy.flwr_cli import BIN, base_env, online_nodes, register_node
-from deploy.ports import HOST, wait_for_port
+from deploy.ports import HOST, split_address, wait_for_port
 from deploy.processes import start_ticks, tail
 from deploy.state import Deployment, Layout, write_deployment
 
@@ -25,48 +25,50 @@ STALE_WAIT = 90  # s; Flower marks a silent node offline 2 heartbeats (2 x 30 s)
 def start(dep: Deployment, layout: Layout, certs: CertPaths, keys: list[NodeKey], shards: list[Path],
           node_ports: list[int], flwr_home: Path, timeout: float) -> None:
     """Start and register everything ``dep`` describes; returns once every SuperNode is online."""
-    superlink = _start_superlink(dep, layout, certs, timeout)
+    superlink = start_superlink(dep, layout, certs, timeout)
     _register_nodes(dep, layout, keys, shards, node_ports, flwr_home, superlink, timeout)
     _wait_for_stale_nodes(flwr_home, dep.name, {str(n["node_id"]) for n in dep.nodes})
     started_at, deadline = time.time(), time.monotonic() + timeout
-    supernodes = [_spawn(f"supernode-{node['index']}", _supernode_cmd(dep, certs, node),
+    supernodes = [spawn(f"supernode-{node['index']}", _supernode_cmd(dep, certs, node),
                          base_env(_node_home(layout, node["index"])), dep, layout) for node in dep.nodes]
     _wait_until_online(dep, layout, flwr_home, superlink, supernodes, started_at, deadline, timeout)
 
 
-def _log_file(layout: Layout, role: str) -> Path:
+def log_file(layout: Layout, role: str) -> Path:
     return layout.logs / f"{role}.log"
 
 
-def _spawn(role: str, cmd: list[str], env: dict[str, str], dep: Deployment,
-           layout: Layout) -> subprocess.Popen[bytes]:
-    log_file = _log_file(layout, role)
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_file, "ab") as f:
+def spawn(role: str, cmd: list[str], env: dict[str, str], dep: Deployment,
+          layout: Layout) -> subprocess.Popen[bytes]:
+    path = log_file(layout, role)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "ab") as f:
         f.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(cmd)}\n".encode())
         f.flush()
         proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True, cwd=layout.root)
-    dep.processes.append({"role": role, "pid": proc.pid, "ticks": start_ticks(proc.pid), "log": str(log_file),
+    dep.processes.append({"role": role, "pid": proc.pid, "ticks": start_ticks(proc.pid), "log": str(path),
                           "cmd": cmd})
     write_deployment(layout, dep)  # recorded at once: `down` can stop it even if `up` fails later
     return proc
 
 
-def _start_superlink(dep: Deployment, layout: Layout, certs: CertPaths,
-                     timeout: float) -> subprocess.Popen[bytes]:
+def start_superlink(dep: Deployment, layout: Layout, certs: CertPaths,
+                    timeout: float) -> subprocess.Popen[bytes]:
+    """``flower-superlink`` on the deployment's address (loopback for ``up``, the host's for ``server``)."""
+    host = split_address(dep.address)[0]
     layout.database.parent.mkdir(parents=True, exist_ok=True)
     layout.superlink_home.mkdir(parents=True, exist_ok=True)
-    proc = _spawn("superlink", [
+    proc = spawn("superlink", [
         str(BIN / "flower-superlink"),
         "--ssl-ca-certfile", str(certs.ca_cert), "--ssl-certfile", str(certs.server_cert),
         "--ssl-keyfile", str(certs.server_key),
         "--database", str(layout.database),
         "--enable-supernode-auth",
         "--disable-runtime-dependency-installation",
-        "--host", HOST, "--port", str(dep.port),
+        "--host", host, "--port", str(dep.port),
     ], base_env(layout.superlink_home), dep, layout)
-    wait_for_port(dep.port, proc, _log_file(layout, "superlink"), timeout)
+    wait_for_port(dep.port, proc, log_file(layout, "superlink"), timeout, host)
     return proc
 
 
@@ -77,7 +79,7 @@ def _register_nodes(dep: Deployment, layout: Layout, keys: list[NodeKey], shards
     known = {int(n["index"]): n for n in dep.nodes}  # from an earlier `up` of this folder (same keys)
     deadline = time.monotonic() + timeout
     for i, key in enumerate(keys):
-        node_id = _register(flwr_home, dep.name, key, f"supernode-{i}", superlink, deadline)
+        node_id = register_with_retry(flwr_home, dep.name, key.public, f"supernode-{i}", superlink, deadline)
         if node_id is None:
             if i not in known:
                 raise DeployError(f"{key.public}: already registered with the SuperLink, but this state folder "
@@ -91,12 +93,12 @@ def _register_nodes(dep: Deployment, layout: Layout, keys: list[NodeKey], shards
     write_deployment(layout, dep)
 
 
-def _register(flwr_home: Path, name: str, key: NodeKey, node_name: str, superlink: subprocess.Popen[bytes],
-              deadline: float) -> int | None:
+def register_with_retry(flwr_home: Path, name: str, public_key: Path, node_name: str,
+                        superlink: subprocess.Popen[bytes], deadline: float) -> int | None:
     """:func:`register_node`, retried while the SuperLink finishes starting."""
     while True:
         try:
-            return register_node(flwr_home, name, key.public, node_name)
+            return register_node(flwr_home, name, public_key, node_name)
         except DeployError:
             if time.monotonic() > deadline or superlink.poll() is not None:
                 raise
@@ -148,11 +150,11 @@ def _wait_until_online(dep: Deployment, layout: Layout, flwr_home: Path, superli
     while True:
         for p, node in zip(supernodes, dep.nodes, strict=True):
             if p.poll() is not None:
-                lf = _log_file(layout, f"supernode-{node['index']}")
+                lf = log_file(layout, f"supernode-{node['index']}")
                 raise DeployError(f"flower-supernode {node['index']} exited with code {p.returncode}:\n{tail(lf)}")
         if superlink.poll() is not None:
             raise DeployError(f"flower-superlink exited with code {superlink.returncode}:\n"
-                              f"{tail(_log_file(layout, 'superlink'))}")
+                              f"{tail(log_file(layout, 'superlink'))}")
         online = online_nodes(flwr_home, dep.name, since=started_at)
         if want <= online:
             return
@@ -176,7 +178,7 @@ def respawn(dep: Deployment, layout: Layout, role: str) -> subprocess.Popen[byte
     if old is None:
         raise DeployError(f"no {role} in {layout.state_file}")
     dep.processes = [p for p in dep.processes if p is not old]
-    proc = _spawn(role, list(old["cmd"]), role_env(layout, role), dep, layout)
+    proc = spawn(role, list(old["cmd"]), role_env(layout, role), dep, layout)
     dep.processes[-1]["restarts"] = int(old.get("restarts", 0)) + 1
     write_deployment(layout, dep)
     return proc
@@ -185,5 +187,5 @@ def respawn(dep: Deployment, layout: Layout, role: str) -> subprocess.Popen[byte
 def restart_superlink(dep: Deployment, layout: Layout, timeout: float) -> subprocess.Popen[bytes]:
     """:func:`respawn` the SuperLink on its port and database, and wait until it listens."""
     proc = respawn(dep, layout, "superlink")
-    wait_for_port(dep.port, proc, _log_file(layout, "superlink"), timeout)
+    wait_for_port(dep.port, proc, log_file(layout, "superlink"), timeout, split_address(dep.address)[0])
     return proc

@@ -1,8 +1,11 @@
-"""Loopback ports: choosing the SuperLink's and the SuperNodes' ports, checking they are free, and waiting
-until the SuperLink listens."""
+"""Ports: choosing the SuperLink's and the SuperNodes' ports on loopback, checking they are free (or, for a
+SuperLink bound to another address, that the address is this machine's), and waiting until the SuperLink
+listens."""
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import socket
 import subprocess
 import time
@@ -72,15 +75,60 @@ def pick_ports(port: int, node_port: int | None, n: int) -> tuple[int, list[int]
     return sl_port, node_ports
 
 
-def wait_for_port(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float) -> None:
-    """Until the SuperLink (``proc``) accepts connections on ``port``; an error if it exits or times out."""
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], log_file: Path, timeout: float,
+                  host: str = HOST) -> None:
+    """Until the SuperLink (``proc``) accepts connections on ``host:port``; an error if it exits or times out."""
     deadline = time.monotonic() + timeout
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise DeployError(f"flower-superlink exited with code {proc.returncode}:\n{tail(log_file)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
             s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
-    raise DeployError(f"flower-superlink did not listen on {HOST}:{port} within {timeout:.0f} s:\n{tail(log_file)}")
+    raise DeployError(f"flower-superlink did not listen on {host}:{port} within {timeout:.0f} s:\n{tail(log_file)}")
+
+
+def split_address(address: str, what: str = "address") -> tuple[str, int]:
+    """``HOST:PORT`` (``[IPv6]:PORT`` for IPv6) as (host, port); a :class:`DeployInputError` naming ``what``."""
+    host, sep, port_s = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise DeployInputError(f"{what} {address!r}: expected HOST:PORT with a port 1-65535 "
+                               "(e.g. 10.0.0.5:9093, [fd00::5]:9093 or superlink.example.com:9093)")
+    return host, int(port_s)
+
+
+def join_address(host: str, port: int) -> str:
+    """The ``HOST:PORT`` form Flower takes (brackets around an IPv6 address)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_bind_address(host: str, port: int, what: str = "--host") -> str:
+    """The IP address ``host`` (an address or a name) resolves to, checked to be one of this machine's (the
+    network namespace's) and to have ``port`` free there. Wildcards (0.0.0.0, ::) are refused: the SuperLink's
+    certificate must name the address devices connect to, and its own processes connect to that address too."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise DeployInputError(f"{what} {host}: cannot resolve it ({e.strerror})") from e
+    ip = str(infos[0][4][0])
+    if ipaddress.ip_address(ip).is_unspecified:
+        raise DeployInputError(f"{what} {host}: a wildcard address; give the address devices connect to (the "
+                               "SuperLink binds it and its TLS certificate names it)")
+    family = socket.AF_INET6 if ":" in ip else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((ip, port))
+        except OSError as e:
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise DeployInputError(f"{what} {host}: {ip} is not an address of this host (run the command on "
+                                       "the machine, or in the network namespace, that has it)") from e
+            if e.errno == errno.EADDRINUSE:
+                raise DeployInputError(f"--port {port}: already in use on {ip}; stop what uses it or pick "
+                                       "another port") from e
+            raise DeployInputError(f"{what} {host}: cannot bind {ip}:{port} ({e.strerror})") from e
+    return ip

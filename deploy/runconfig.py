@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from deploy.errors import DeployError, DeployInputError
 
 
@@ -61,6 +63,22 @@ def write_run_config(path: Path, overrides: Mapping[str, Any]) -> None:
     if tomllib.loads(text) != dict(overrides):
         raise DeployError(f"{path}: run config does not survive TOML round trip: {dict(overrides)}")
     path.write_text(text)
+
+
+def export_device_shards(flat: Mapping[str, Any], out_dir: Path, progress: bool = True) -> list[Path]:
+    """The run's data prepared (generated first if needed) and one self-contained ``<k>.npz`` per partition in
+    ``out_dir``: the file a device on another host is given (``fedrank deploy node --data``). The partitioning
+    is the one :func:`shared_model.shards.ensure_shards` makes, so partition ``k`` holds the same sessions."""
+    from shared_model.config import parse_run_config
+    from shared_model.shards import partition_users, user_segments, write_shards
+    from simulations.runner import ensure_data
+
+    settings = parse_run_config(flat)
+    prep = ensure_data(settings, progress)
+    p = settings.partition
+    users = np.unique(prep.log.user)
+    clients = partition_users(users, user_segments(prep.data_dir, users), p.scheme, p.num_clients, p.alpha, p.seed)
+    return [q.resolve() for q in write_shards(prep, out_dir, clients)]
 
 
 def prepare_shards(flat: Mapping[str, Any], progress: bool = True) -> list[Path]:

@@ -17,6 +17,7 @@ from deploy.certs import CertPaths
 from deploy.errors import DeployError, DeployInputError
 
 STATE_FILE = "deployment.json"
+KINDS = {"local": "deploy up", "server": "deploy server", "node": "deploy node"}
 MARKER = "fedrank-deploy"
 FORMAT = 1
 
@@ -83,6 +84,7 @@ class Deployment:
     processes: list[dict[str, Any]] = field(default_factory=list)
     nodes: list[dict[str, Any]] = field(default_factory=list)
     created: float = field(default_factory=time.time)
+    kind: str = "local"  # "local": `deploy up`; "server": `deploy server`; "node": `deploy node`
 
     def to_json(self) -> dict[str, Any]:
         return {"marker": MARKER, "format": FORMAT, **self.__dict__}
@@ -106,6 +108,13 @@ def read_deployment(layout: Layout) -> Deployment | None:
     except (OSError, json.JSONDecodeError) as e:
         raise DeployInputError(f"{path}: unreadable deployment state ({e})") from e
     return Deployment.from_json(data, path)
+
+
+def check_kind(dep: Deployment, layout: Layout, kind: str) -> None:
+    """A folder made by one ``deploy`` command (``up``, ``server``, ``node``) is not another one's."""
+    if dep.kind != kind:
+        raise DeployInputError(f"{layout.root}: holds a `fedrank {KINDS.get(dep.kind, dep.kind)}` deployment, not "
+                               f"a `fedrank {KINDS[kind]}` one; choose another --state")
 
 
 def write_deployment(layout: Layout, dep: Deployment) -> None:

@@ -18,6 +18,11 @@ So the supervisor, polling once a second:
   so that the ServerApp, which polls every 3 s, has collected the error reply of the round in progress);
 - resubmits a run that finished as failed or stopped for any other reason (at most ``max_resubmits`` times);
 - stops once the run is ``finished:completed`` and writes ``deploy-run.json`` beside ``results.json``.
+
+On a ``fedrank deploy server`` deployment the SuperNodes run on other hosts: the supervisor cannot restart them
+(each device's own ``fedrank deploy node`` keeps retrying through network outages and rejoins under its node id).
+It submits the run once every registered SuperNode is online, or after ``node_wait`` seconds with those that are,
+because the ServerApp asks the nodes online at its start for their partition ids.
 """
 
 from __future__ import annotations
@@ -54,6 +59,7 @@ class RunOptions:
     timeout: float = 180.0        # s for a restarted SuperLink to listen
     limit: float | None = None    # s for the whole run (None: no limit)
     app_dir: Path | None = None   # the Flower app to run (default: the repository root)
+    node_wait: float = 300.0      # s to wait for remote SuperNodes (`deploy server`) before submitting
 
 
 def _repo_root() -> Path:
@@ -168,8 +174,39 @@ class Supervisor:
             self.popen["superlink"] = restart_superlink(self.dep, self.layout, self.opts.timeout)
         self._event("superlink-restarted", pid=self.popen["superlink"].pid, seconds=round(time.monotonic() - t, 1))
 
+    def _wait_for_remote_nodes(self) -> None:
+        """Until every registered remote SuperNode is online (after ``node_wait`` s: with those that are)."""
+        remote = {str(n["node_id"]): str(n.get("name", n["node_id"])) for n in self.dep.nodes if n.get("remote")}
+        if not remote:
+            return
+        deadline = time.monotonic() + self.opts.node_wait
+        announced = False
+        while True:
+            try:
+                online = online_nodes(self.flwr_home, self.dep.name) & set(remote)
+            except DeployError:
+                online = set()  # the SuperLink does not answer (yet)
+            if online == set(remote):
+                self._event("nodes-online", nodes=len(online))
+                return
+            missing = sorted(remote[k] for k in set(remote) - online)
+            if time.monotonic() >= deadline:
+                if not online:
+                    raise DeployError(f"none of the {len(remote)} registered SuperNodes came online within "
+                                      f"{self.opts.node_wait:.0f} s ({', '.join(missing)}): start each one on its "
+                                      "device with `fedrank deploy node`; the SuperLink's log is "
+                                      f"{self.layout.logs / 'superlink.log'}")
+                self._event("nodes-missing", online=len(online), missing=missing)
+                return
+            if not announced:
+                self._event("waiting-for-nodes", online=len(online), missing=missing)
+                announced = True
+            time.sleep(2.0)
+
     def _tend_supernodes(self) -> None:
         for node in self.dep.nodes:
+            if node.get("remote"):
+                continue  # runs on its own device: not ours to restart
             role = f"supernode-{node['index']}"
             now = time.monotonic()
             if self._alive(role):
@@ -207,6 +244,7 @@ class Supervisor:
         self._refresh_trees()
         if not self._alive("superlink"):
             self._restart_superlink()
+        self._wait_for_remote_nodes()
         run_id = self._submit("start")
         next_status = time.monotonic() + self.opts.status_every
         while True:
