@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import Any, cast
 
@@ -34,6 +35,7 @@ from shared_model.records import (
     RECALL_GLOBAL,
     SERVER_ROUND,
     TRAIN_LOSS,
+    TRAIN_SECONDS,
 )
 
 
@@ -77,12 +79,15 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
         model = _global_head(s, msg)
         if s.model.personal_layers and (mine := _personal(context)):
             model.load_state_dict(mine, strict=False)
+        t0 = time.perf_counter()
         stats = local_train(model, data, s.train, eta=float(cast(float, cfg[PROPENSITY_ETA])),
                             proximal_mu=float(cast(float, cfg.get(PROXIMAL_MU, 0.0))), seed=rnd * 1000 + pid)
+        train_seconds = time.perf_counter() - t0
         if s.model.personal_layers:
             context.state[PERSONAL_STATE] = ArrayRecord(personal_state(model))
         metrics: dict[str, MetricRecordValues] = {
             NUM_EXAMPLES: len(data.train), TRAIN_LOSS: stats["train_loss"], NUM_STEPS: stats["num_steps"],
+            TRAIN_SECONDS: train_seconds,
         }
         shared = model.shared_state_keys()  # personal layers (model.personal-layers) never leave the device
         state = {k: v for k, v in model.state_dict().items() if k in shared}

@@ -89,4 +89,4 @@ def prepare_shards(flat: Mapping[str, Any], progress: bool = True) -> list[Path]
 
     settings = parse_run_config(flat)
     prep = ensure_data(settings, progress)
-    return [p.resolve() for p in ensure_shards(prep, settings)]
+    return [p.resolve() for p in ensure_shards(prep, settings, layout="files")]  # a file per SuperNode

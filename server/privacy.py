@@ -66,7 +66,7 @@ from flwr.serverapp import strategy as fs
 from client.privacy import DP_TRAIN_WEIGHT, analytic_gaussian_std, classic_gaussian_std
 from server.strategies import base_fedavg
 from shared_model.config import ConfigError, RunSettings
-from shared_model.records import METRICS, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS
+from shared_model.records import METRICS, NUM_EXAMPLES, NUM_STEPS, TRAIN_LOSS, TRAIN_SECONDS
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +341,7 @@ def device_metrics_report(settings: RunSettings) -> dict[str, Any]:
     sent = [f"{NUM_EXAMPLES} = {DP_TRAIN_WEIGHT} (a public constant, not the device's example count)"]
     if mode == "client-adaptive":
         sent.append("norm_bit (released only as a noisy count; counted by the accountant)")
-    return {"train_sent": sent, "train_withheld": [TRAIN_LOSS, NUM_STEPS, f"the true {NUM_EXAMPLES}"],
+    return {"train_sent": sent, "train_withheld": [TRAIN_LOSS, NUM_STEPS, TRAIN_SECONDS, f"the true {NUM_EXAMPLES}"],
             "evaluate": "not sent: federated evaluation is off under DP (devices refuse evaluate messages); the "
                         "server evaluates on its own held-out sessions",
             "aggregated_train_metrics": "none"}

@@ -14,6 +14,7 @@ LOCAL_EPOCHS = "local-epochs"
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 TRAIN_LOSS = "train-loss"
 NUM_STEPS = "num-steps"
+TRAIN_SECONDS = "train-seconds"  # wall seconds the device spent in local training (benchmarks/fleet_scale.py)
 NDCG_GLOBAL = "ndcg@10-global"
 NDCG_PERSONAL = "ndcg@10-personal"
 PNDCG_GLOBAL = "pndcg@10-global"  # personal-gain NDCG (see training.PNDCG10) of the global head

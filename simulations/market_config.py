@@ -155,6 +155,9 @@ PRESETS: dict[str, MarketConfig] = {
     "large": MarketConfig(num_items=20000, num_users=5000, sessions_per_user=100),
     # the default catalog with a fleet of 1,200 shoppers: the 1,000-client federated scenario
     "fleet": MarketConfig(num_items=3000, num_users=1200, sessions_per_user=25),
+    # the default catalog with 10,000 shoppers and shorter histories (about 15 sessions each, 150k in all): the
+    # 10,000-device scale scenario (simulations/scenarios/fleet10k.toml, benchmarks/fleet_scale.py)
+    "fleet10k": MarketConfig(num_items=3000, num_users=10000, sessions_per_user=15),
     # shoppers with strong individual tastes (far from their segment) and long histories: the personalization
     # scenario, where a device's own clicks carry signal the population does not
     "personal": MarketConfig(num_items=1500, num_users=100, sessions_per_user=120, segment_concentration=3.0,
