@@ -62,14 +62,24 @@ def main() -> None:
         pts = curve(res)
         hit = next((t for t, v in pts if v >= target), None)
         jobs = sum(int(r.get("accepted", 0)) for r in res["rounds"])
-        row = {"run": name, "sim_seconds_to_target": hit, "final_ndcg@10": res["final"].get("ndcg@10"),
+        last = res["final"].get("ndcg@10", pts[-1][1] if pts else None)  # a run stopped between evaluations
+        row = {"run": name, "sim_seconds_to_target": hit, "final_ndcg@10": last,
                "sim_seconds": res["rounds"][-1]["sim_time"], "jobs_aggregated": jobs, "curve": pts,
                "timeouts": sum(int(r.get("timeouts", 0)) for r in res["rounds"]),
                "staleness_mean": (sum(sum(r.get("staleness", [])) for r in res["rounds"]) / jobs
                                   if name == "fedbuff" and jobs else None)}
         rows.append(row)
         shown = f"{hit:.1f}" if hit is not None else "not reached"
-        print(f"{name:<10} {shown:>16} {row['final_ndcg@10']:>14.4f} {row['sim_seconds']:>13.1f} {jobs:>16}")
+        print(f"{name:<10} {shown:>16} {last if last is not None else float('nan'):>14.4f} "
+              f"{row['sim_seconds']:>13.1f} {jobs:>16}")
+    sync_pts = curve(found["sync"])
+    for row in rows:  # the synchronous run's NDCG@10 at the same simulated second (last evaluated before it)
+        if row["curve"]:
+            t_end = row["curve"][-1][0]
+            before = [v for t, v in sync_pts if t <= t_end]
+            row["sync_ndcg_at_same_time"] = before[-1] if before else float("nan")
+            print(f"{row['run']:<10} at {t_end:.1f} simulated s: NDCG@10 {row['curve'][-1][1]:.4f} "
+                  f"(sync at the same time: {row['sync_ndcg_at_same_time']:.4f})")
     (out / "stragglers.json").write_text(json.dumps({"target": target, "runs": rows}, indent=2))
     import matplotlib
 
