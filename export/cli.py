@@ -122,13 +122,15 @@ def cmd_rerank(args: argparse.Namespace) -> int:
         recent = read_id_file(args.recent, "--recent") if args.recent else None
         if recent is not None:
             _warn_duplicates("rerank", args.recent, recent.duplicates)
+        # the shopper's files first: a missing or malformed one is named before the bundle is loaded
+        cands = read_id_file(args.candidates, "--candidates", scores=True) if args.request is None else None
+        if cands is not None:
+            _warn_duplicates("rerank", args.candidates, cands.duplicates)
         rr = Reranker.load(args.bundle, backend=args.backend)
-        if args.request is not None:
+        if cands is None:
             ranked = rr.rerank_candidates(args.query, _read_request(args.request),
                                           None if recent is None else recent.ids, query_image=args.query_image)
         else:
-            cands = read_id_file(args.candidates, "--candidates", scores=True)
-            _warn_duplicates("rerank", args.candidates, cands.duplicates)
             ranked = rr.rerank(args.query, cands.ids, None if recent is None else recent.ids,
                                query_image=args.query_image, retrieval_scores=cands.scores,
                                skip_unknown=args.skip_unknown)

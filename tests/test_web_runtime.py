@@ -421,7 +421,7 @@ def test_compact_bundle_static_encoder_and_rows_history_parity(browser: Any, bun
 
     compact = compact_bundle()
     rr = Reranker.load(compact)
-    assert rr.catalog is None
+    assert not rr.has_catalog
     cat = Reranker.load(bundle).catalog  # the rows a search API would send (same items, same dims)
     assert cat is not None
     reqs = _requests(cat, 15, seed=2)
