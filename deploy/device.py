@@ -36,7 +36,7 @@ from deploy.keys import check_ca_cert, check_node_private_key
 from deploy.launch import log_file, spawn
 from deploy.ports import check_ports, join_address, split_address
 from deploy.processes import recorded, running, start_ticks, stop_processes, tail
-from deploy.state import STATE_FILE, Deployment, Layout, check_kind, locked, read_deployment, write_deployment
+from deploy.state import Deployment, Layout, locked, previous_deployment, write_deployment
 
 DEFAULT_NODE_STATE = "runs/deploy-node"
 DEFAULT_LOCAL_PORT = 9094
@@ -120,15 +120,9 @@ def _check_shard(path: Path) -> None:
 
 
 def _check_folder(layout: Layout) -> Deployment | None:
-    if layout.root.exists() and not layout.root.is_dir():
-        raise DeployInputError(f"--state {layout.root}: exists and is not a folder")
-    prev = read_deployment(layout)
+    prev = previous_deployment(layout, "node")
     if prev is None:
-        if layout.root.is_dir() and any(p.name != layout.lock.name for p in layout.root.iterdir()):
-            raise DeployInputError(f"--state {layout.root}: not empty and holds no {STATE_FILE}: not a fedrank "
-                                   "deployment folder; choose another --state")
         return None
-    check_kind(prev, layout, "node")
     alive = running(prev.processes)
     if alive:
         raise DeployInputError(f"{layout.root}: a SuperNode runs from this folder (pid {alive[0]['pid']}); stop it "

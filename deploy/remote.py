@@ -37,7 +37,16 @@ from deploy.launch import register_with_retry, start_superlink
 from deploy.ports import DEFAULT_PORT, check_bind_address, join_address
 from deploy.processes import recorded, running, stop_processes
 from deploy.runconfig import export_device_shards, resolve_run_config, run_config_overrides, write_run_config
-from deploy.state import STATE_FILE, Deployment, Layout, check_kind, locked, read_deployment, write_deployment
+from deploy.state import (
+    STATE_FILE,
+    Deployment,
+    Layout,
+    check_kind,
+    locked,
+    previous_deployment,
+    read_deployment,
+    write_deployment,
+)
 
 DEFAULT_SERVER_STATE = "runs/deploy-server"
 DEFAULT_NAME = "fedrank"
@@ -99,15 +108,9 @@ def collect_node_keys(files: list[Path], folders: list[Path]) -> list[NodePublic
 
 def _check_folder(layout: Layout, name: str) -> Deployment | None:
     """The previous (stopped) server deployment of this folder, if any; errors for anything else."""
-    if layout.root.exists() and not layout.root.is_dir():
-        raise DeployInputError(f"--state {layout.root}: exists and is not a folder")
-    prev = read_deployment(layout)
+    prev = previous_deployment(layout, "server")
     if prev is None:
-        if layout.root.is_dir() and any(p.name != layout.lock.name for p in layout.root.iterdir()):
-            raise DeployInputError(f"--state {layout.root}: not empty and holds no {STATE_FILE}: not a fedrank "
-                                   "deployment folder; choose another --state")
         return None
-    check_kind(prev, layout, "server")
     alive = running(prev.processes)
     if alive:
         raise DeployInputError(f"{layout.root}: the SuperLink of {prev.name!r} ({prev.address}) is running "

@@ -117,6 +117,21 @@ def check_kind(dep: Deployment, layout: Layout, kind: str) -> None:
                                f"a `fedrank {KINDS[kind]}` one; choose another --state")
 
 
+def previous_deployment(layout: Layout, kind: str) -> Deployment | None:
+    """The deployment recorded in ``--state`` (None for a new or empty folder), refusing a path that is not a
+    folder, a non-empty folder that is no deployment, and another command's deployment."""
+    if layout.root.exists() and not layout.root.is_dir():
+        raise DeployInputError(f"--state {layout.root}: exists and is not a folder")
+    prev = read_deployment(layout)
+    if prev is None:
+        if layout.root.is_dir() and any(p.name != layout.lock.name for p in layout.root.iterdir()):
+            raise DeployInputError(f"--state {layout.root}: not empty and holds no {STATE_FILE}: not a fedrank "
+                                   "deployment folder; choose another --state")
+        return None
+    check_kind(prev, layout, kind)
+    return prev
+
+
 def write_deployment(layout: Layout, dep: Deployment) -> None:
     tmp = layout.state_file.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(dep.to_json(), indent=2))
