@@ -39,12 +39,18 @@ Search by photo (``query_image=``): the photo is embedded by the exported image 
 
     score = z(visual) + w * z(head)
 
-where ``visual`` is the cosine between the photo's embedding and the candidate's image embedding (its video
-embedding if it has no image; -1 if it has neither), ``head`` is the head's score with the text query if one is
-given too ("like this photo, but in red"), else with the embedding of the empty query (a generic query: the head
-then contributes the query-independent part it learnt -- price, rating, the shopper's history), ``z`` standardises
+where ``visual`` compares the photo's embedding with the candidate's image embedding (its video embedding if it
+has no image; -1 if it has neither): with the bundle's learnt projection (``photo_search.npz``, manifest
+``photo_search.mode == "learnt"``) it is the cosine of the two *projected* embeddings (``(x - mean) * inv_std @
+weight``, a 1280 -> 64 map trained on the catalog's photos so that photos of the same type and colour lie close:
+``shared_model.photo_search``, whose numpy ``visual_scores`` is the one definition the export's parity gate and the
+benchmark use too); without it (``--photo-search heuristic``, a catalog with too few labelled photos, or a
+bundle from before the projection existed) it is the raw cosine of the two embeddings. ``head`` is the head's score
+with the text query if one is given too ("like this photo, but in red"), else with the embedding of the empty
+query (a generic query: the head then contributes the query-independent part it learnt -- price, rating, the shopper's history), ``z`` standardises
 within the slate, and ``w = PHOTO_HEAD_WEIGHT`` (0.25) without text, ``PHOTO_TEXT_HEAD_WEIGHT`` (1.0) with text.
-The head was never trained on photo queries, so this is an honest heuristic, not a learnt fusion.
+The head was never trained on photo queries, so the fusion with the head stays a fixed rule; only ``visual`` is
+learnt. ``Reranker.photo_search`` is the projection in use (``None``: the raw cosine).
 
 Bad input raises :class:`RerankInputError` naming the argument; bundle problems raise :class:`BundleError` naming
 the file. Documented skips: unknown ``recent_item_ids`` are ignored (logged); unknown ``candidate_ids`` raise
@@ -71,6 +77,7 @@ from client.runtime_bundle import (
     PackedCatalog,
     RerankInputError,
     parse_candidates,
+    photo_projection_from_bytes,
     read_bundle_file,
     read_manifest,
 )
@@ -95,6 +102,7 @@ from shared_model.head_features import (
     slate_features,
     user_context,
 )
+from shared_model.photo_search import PhotoProjection, visual_scores
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +134,7 @@ class Reranker:
 
     def __init__(self, bundle_dir: Path, manifest: dict[str, Any], backend: str, num_threads: int,
                  tokenizer: Any, text: ExportedModel, head: ExportedModel, catalog: PackedCatalog | None,
-                 image_model: bytes | None = None) -> None:
+                 image_model: bytes | None = None, photo_search: PhotoProjection | None = None) -> None:
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -143,6 +151,7 @@ class Reranker:
         self._image: ExportedModel | None = None
         self._image_model = image_model  # the image encoder file's verified bytes, until the first photo query
         self._empty_query: np.ndarray | None = None
+        self.photo_search = photo_search  # the learnt search-by-photo projection; None: the raw cosine
 
     @property
     def has_catalog(self) -> bool:
@@ -181,6 +190,9 @@ class Reranker:
         image = comps.get("image_encoder", {}).get("files", {}).get(backend)
         if image is not None:
             names["image_encoder"] = image
+        photo = man.get("photo_search", {})
+        if photo.get("mode") == "learnt":  # older bundles have no such key: the raw cosine
+            names["photo_search"] = photo["file"]
         data = {part: read_bundle_file(root, man, name, verify) for part, name in names.items()}  # all, then build
 
         tokenizer = _load_tokenizer(data["tokenizer"], names["tokenizer"], int(man["tokenizer"]["max_length"]))
@@ -192,7 +204,10 @@ class Reranker:
         dims = {"text": int(man["dims"]["text"]), "image": int(man["dims"]["image"])}
         catalog = None if "catalog" not in names else PackedCatalog.from_bytes(
             data["catalog"], names["catalog"], list(man["catalog"]["item_ids"]), dims)
-        return cls(root, man, backend, num_threads, tokenizer, text, head, catalog, data.get("image_encoder"))
+        projection = None if "photo_search" not in names else photo_projection_from_bytes(
+            data["photo_search"], names["photo_search"], dims["image"])
+        return cls(root, man, backend, num_threads, tokenizer, text, head, catalog, data.get("image_encoder"),
+                   projection)
 
     def _image_encoder(self) -> ExportedModel:
         if self._image is None:
@@ -330,8 +345,7 @@ class Reranker:
         head = self.head_scores(self.candidate_inputs(q, cands, user, retrieval_scores, first_stage_ranks))
         if query_image is None:
             return head
-        photo = self.embed_image(query_image)
-        visual = _visual_similarity(photo, cands)
+        visual = self.visual_similarity(self.embed_image(query_image), cands)
         w = PHOTO_TEXT_HEAD_WEIGHT if has_text else PHOTO_HEAD_WEIGHT
         return (_z(visual) + w * _z(head)).astype(np.float32)
 
@@ -356,6 +370,14 @@ class Reranker:
                                  skip_unknown=skip_unknown)
         order = np.argsort(-scores, kind="stable")
         return [(ids[i], float(scores[i])) for i in order]
+
+    def visual_similarity(self, photo: np.ndarray, cands: CandidateRows) -> np.ndarray:
+        """``visual [S]`` of the photo embedding ``photo [Di]`` against ``cands``: the projected cosine with the
+        bundle's learnt projection, else the raw cosine; each candidate's image (else video) embedding, -1 with
+        neither (``shared_model.photo_search.visual_scores``)."""
+        mask = cands.mask
+        ref = np.where(mask[:, 1:2], cands.image, cands.video)  # [S, Di]
+        return visual_scores(photo, ref, mask[:, 1] | mask[:, 2], self.photo_search)
 
     def _generic_query(self) -> np.ndarray:
         if self._empty_query is None:
@@ -429,15 +451,6 @@ class Reranker:
                                             query_image=query_image)
         order = np.argsort(-scores, kind="stable")
         return [(ids[i], float(scores[i])) for i in order]
-
-
-def _visual_similarity(photo: np.ndarray, cands: CandidateRows) -> np.ndarray:
-    """Cosine of the photo's embedding and each candidate's image (else video) embedding; -1 with neither."""
-    mask = cands.mask
-    ref = np.where(mask[:, 1:2], cands.image, cands.video)
-    has = mask[:, 1] | mask[:, 2]
-    denom = np.linalg.norm(ref, axis=1) * (np.linalg.norm(photo) + 1e-12) + 1e-12
-    return np.where(has, ref @ photo / denom, -1.0)
 
 
 def _load_tokenizer(data: bytes, name: str, max_length: int) -> Any:

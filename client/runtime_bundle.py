@@ -19,6 +19,11 @@ A bundle is one directory::
     head.<q>.tflite          the same, one signature per slate size (``s20``, ``s50``, ``s100``; batch 1)
     catalog.npz              item embeddings as int8 with one float32 scale per row (text, image, video),
                              modality mask, item dense features, raw price; rows in manifest ``catalog.item_ids``
+    photo_search.npz         optional (bundles with an image encoder): the learnt search-by-photo projection
+                             (``shared_model.photo_search``: mean, inv_std, float16 weight [Di, K], raw_weight);
+                             manifest ``photo_search``: ``{"mode": "learnt", "file": ..., "training": ...,
+                             "fidelity": ...}`` or ``{"mode": "heuristic", "reason": ...}``; without the file the
+                             runtime uses the raw cosine (the heuristic), as for bundles from before it existed
 
 ``<q>`` names the precision actually stored (``int8``, ``fp16``, ``fp32``).
 
@@ -44,6 +49,7 @@ import numpy as np
 
 from shared_model.head_features import HEAD_INPUTS as HEAD_INPUTS  # the head's inputs, in forward() order
 from shared_model.head_features import NUM_MODALITIES
+from shared_model.photo_search import PhotoProjection, PhotoSearchError
 
 BUNDLE_FORMAT = "fedrank-bundle"
 BUNDLE_VERSION = 2  # bump on any incompatible change of the layout or of a file's inputs/outputs (2: manifest.sha256)
@@ -51,6 +57,8 @@ MANIFEST = "manifest.json"
 MANIFEST_DIGEST = "manifest.sha256"
 TOKENIZER = "tokenizer.json"
 CATALOG = "catalog.npz"
+PHOTO_SEARCH = "photo_search.npz"
+PHOTO_SEARCH_MODES = ("learnt", "heuristic")
 COMPONENTS = ("text_encoder", "image_encoder", "head")
 BACKENDS = ("onnx", "tflite")
 PROFILES = ("full", "compact")  # compact: static query encoder, no image encoder (manifest "profile")
@@ -193,6 +201,13 @@ def _check_manifest_types(man: dict[str, Any]) -> None:
     dims = man.get("dims")
     need(isinstance(dims, dict) and all(isinstance(dims.get(k), int) for k in ("text", "image")), "dims",
          "an object with integer 'text' and 'image'")
+    if "photo_search" in man:
+        ps = man["photo_search"]
+        need(isinstance(ps, dict) and ps.get("mode") in PHOTO_SEARCH_MODES, "photo_search",
+             f"an object with 'mode' one of {PHOTO_SEARCH_MODES}")
+        if ps["mode"] == "learnt":
+            need(isinstance(ps.get("file"), str) and ps["file"] in files, "photo_search.file",
+                 f"a file listed under 'files' (got {ps.get('file')!r})")
     if "catalog" in man:
         cat = man["catalog"]
         need(isinstance(cat, dict) and isinstance(cat.get("file"), str) and isinstance(cat.get("item_ids"), list),
@@ -228,6 +243,14 @@ def read_bundle_file(bundle_dir: str | os.PathLike[str], manifest: dict[str, Any
             raise BundleError(name, f"sha256 mismatch (file {digest[:12]}..., manifest "
                                     f"{str(entry.get('sha256'))[:12]}...): the file is corrupt or was modified")
     return data
+
+
+def photo_projection_from_bytes(data: bytes, name: str, image_dim: int) -> PhotoProjection:
+    """The learnt search-by-photo projection from the bytes of ``photo_search.npz`` (``name`` in errors)."""
+    try:
+        return PhotoProjection.from_bytes(data, image_dim)
+    except PhotoSearchError as e:
+        raise BundleError(name, f"bad search-by-photo projection: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------- catalog

@@ -21,6 +21,14 @@ held-out slates like any bundle; its ranking cost against the full text encoder 
 slates) is measured and must stay within ``static_ndcg_cost_bar``. Profiles (:meth:`ExportOptions.for_profile`):
 ``full`` (MiniLM + image encoder) and ``compact`` (static query encoder, no image encoder: text-query reranking
 only, no search by photo).
+
+Search by photo (``photo_search``, bundles with an image encoder): ``auto`` (default) fits the learnt projection
+(``shared_model.photo_search``) on the photos of the catalog the bundle ships, labelled by (category, colour), and
+writes it as ``photo_search.npz`` (float16 weights) -- unless the catalog has too few labelled photos, or the
+projection does not beat the raw cosine on its held-out photos: then the bundle keeps the heuristic and the
+manifest's ``photo_search.reason`` says why; ``learnt`` makes either an error; ``heuristic`` ships no projection.
+A shipped projection is gated like every file: the runtime's visual scores (float16 projection, int8 catalog rows)
+against the fp32 torch reference on catalog photos asked as queries (``validate.photo_search_fidelity``).
 """
 
 from __future__ import annotations
@@ -48,6 +56,7 @@ from client.runtime_bundle import (
     CANDIDATE_OPTIONAL,
     CANDIDATES_VERSION,
     CATALOG,
+    PHOTO_SEARCH,
     PROFILES,
     STATIC_KIND,
     TOKENIZER,
@@ -70,6 +79,10 @@ from export.probes import (
 from export.spec import (
     DEFAULT_MAX_LENGTH,
     HEAD_SIGNATURE_SLATES,
+    PHOTO_SEARCH_NDCG_BAR,
+    PHOTO_SEARCH_PROBES,
+    PHOTO_SEARCH_SLATE,
+    PHOTO_SEARCH_TAU_BAR,
     PIPELINE_NDCG_BAR,
     PIPELINE_TAU_BAR,
     STATIC_NDCG_COST_BAR,
@@ -81,16 +94,28 @@ from export.spec import (
     text_spec,
 )
 from export.tflite_export import convert_tflite, finalize_tflite, quantize_tflite
-from export.validate import HeldOut, Probe, pipeline_fidelity, torch_reference, validate_onnx, validate_tflite
+from export.validate import (
+    HeldOut,
+    PhotoProbes,
+    Probe,
+    photo_probes,
+    photo_search_fidelity,
+    pipeline_fidelity,
+    torch_reference,
+    validate_onnx,
+    validate_tflite,
+)
 from shared_model.head import FusedRankingHead
 from shared_model.head_features import DENSE_DIM, HISTORY_LEN, IMAGE_DIM, SLATE_DENSE_NAMES
 from shared_model.outdir import locked_dir, scratch_dir, stage_into
+from shared_model.photo_search import PhotoSearchConfig, PhotoSearchError, fit_from_catalog, photo_labels
 
 log = logging.getLogger(__name__)
 
 QUANTIZE_CHOICES = ("int8", "fp16", "none")
 TARGETS = ("onnx", "tflite")
 QUERY_ENCODERS = ("minilm", "static")
+PHOTO_SEARCH_CHOICES = ("auto", "learnt", "heuristic")
 VALUE_CHECKS = ("cosine_min", "kendall_tau_mean")  # misses that make the image encoder fall back
 _PACKAGES = ("torch", "onnx", "onnxruntime", "onnxscript", "litert-torch", "ai-edge-litert", "ai-edge-quantizer",
              "tokenizers", "numpy", "transformers")
@@ -110,6 +135,8 @@ class ExportOptions:
     static_dim: int = 128  # the static table's width (30,522 x 128 int8 = 3.9 MB)
     static_ndcg_cost_bar: float | None = STATIC_NDCG_COST_BAR  # max NDCG@10 lost to MiniLM (torch, held out)
     ship_catalog: bool = True  # False: no catalog.npz; the device reranks server-sent candidates only
+    photo_search: str = "auto"  # learnt projection when the catalog allows (auto), always (learnt), or never
+    photo_search_config: PhotoSearchConfig | None = None  # default: PhotoSearchConfig(seed=seed)
 
     def __post_init__(self) -> None:
         bad = [t for t in self.targets if t not in TARGETS]
@@ -121,6 +148,11 @@ class ExportOptions:
             raise ExportError(f"query_encoder {self.query_encoder!r}: choose from {QUERY_ENCODERS}")
         if not 1 <= self.static_dim <= 384:
             raise ExportError(f"static_dim {self.static_dim}: must be in 1..384")
+        if self.photo_search not in PHOTO_SEARCH_CHOICES:
+            raise ExportError(f"photo_search {self.photo_search!r}: choose from {PHOTO_SEARCH_CHOICES}")
+        if self.photo_search == "learnt" and not self.image_encoder:
+            raise ExportError("photo_search 'learnt' needs the image encoder (the compact profile and "
+                              "--no-image-encoder have no search by photo)")
 
     @classmethod
     def for_profile(cls, profile: str, **overrides: Any) -> ExportOptions:
@@ -288,8 +320,18 @@ def _build(src: Sources, staging: Path, work: Path, opts: ExportOptions) -> dict
         files[CATALOG] = pack_catalog(store, item_catalog, staging / CATALOG)
     else:
         requests_from = packed_catalog(store, item_catalog)
+    photo, probes = (_photo_search(store, item_catalog, opts, staging, files) if opts.image_encoder
+                     else (None, None))
     manifest = _manifest(src, opts, files, components, store, tspec)
+    if photo is not None:
+        manifest["photo_search"] = photo
     _write_manifest(staging, manifest)
+    if photo is not None and probes is not None:  # the shipped projection, through the runtime, against its fp32 torch reference
+        photo["fidelity"] = photo_search_fidelity(staging, opts.targets[0], probes, requests_from)
+        manifest["bars"]["photo_search"] = {"kendall_tau_mean_min": PHOTO_SEARCH_TAU_BAR,
+                                            "abs_ndcg@10_delta_max": PHOTO_SEARCH_NDCG_BAR}
+        log.info("photo search: kendall tau %.4f vs torch fp32 over %d catalog photos",
+                 photo["fidelity"]["kendall_tau_mean"], photo["fidelity"]["queries"])
 
     # whole pipeline through the on-device runtime -------------------------------------------------------------
     held = held_out(prep, store, query_text, head, tokenizer, opts.max_slates, opts.max_length, opts.seed)
@@ -331,6 +373,38 @@ def _export_static_encoder(src: Sources, text: torch.nn.Module, tokenizer: Any, 
                    "bias, then L2 normalisation", "max_length": opts.max_length,
     }
     return tables.module()
+
+
+def _photo_search(store: Any, catalog: Any, opts: ExportOptions, staging: Path, files: dict[str, dict[str, Any]]
+                  ) -> tuple[dict[str, Any], PhotoProbes | None]:
+    """Fit and write the learnt search-by-photo projection (see the module docstring); returns the manifest's
+    ``photo_search`` entry and the parity probes (``None`` when the bundle keeps the heuristic)."""
+    if opts.photo_search == "heuristic":
+        return {"mode": "heuristic", "reason": "turned off (--photo-search heuristic)"}, None
+    cfg = opts.photo_search_config or PhotoSearchConfig(seed=opts.seed)
+    rows, labels = photo_labels(store.item_ids, store.mask[:, 1], catalog)
+    try:
+        proj = fit_from_catalog(store.item_ids, store.image, store.mask[:, 1], catalog, cfg)
+        learnt, raw = proj.info["held_out_map_learnt"], proj.info["held_out_map_raw_cosine"]
+        if not learnt > raw:
+            raise PhotoSearchError(f"the learnt projection did not beat the raw cosine on its held-out photos "
+                                   f"(mean average precision {learnt:.4f} vs {raw:.4f})")
+    except PhotoSearchError as e:
+        if opts.photo_search == "learnt":
+            raise ExportError(f"--photo-search learnt: {e}") from e
+        log.warning("search by photo keeps the heuristic (raw cosine): %s", e)
+        return {"mode": "heuristic", "reason": str(e)}, None
+    path = staging / PHOTO_SEARCH
+    path.write_bytes(proj.to_bytes())
+    files[PHOTO_SEARCH] = {"component": "photo_search", "precision": "fp16", "bytes": path.stat().st_size,
+                           "sha256": sha256_file(path),
+                           "arrays": {"mean": [proj.input_dim], "inv_std": [proj.input_dim],
+                                      "weight": [proj.input_dim, proj.dim], "raw_weight": []}}
+    entry = {"mode": "learnt", "file": PHOTO_SEARCH, "dim": proj.dim, "input_dim": proj.input_dim,
+             "visual": "cos(l2norm((x_photo - mean) * inv_std @ weight), l2norm((x_item - mean) * inv_std @ "
+                       "weight)) + raw_weight * cos(x_photo, x_item)", "training": proj.info}
+    probes = photo_probes(store, rows, labels, proj, PHOTO_SEARCH_PROBES, PHOTO_SEARCH_SLATE, opts.seed)
+    return entry, probes
 
 
 def _query_encoder_cost(held: HeldOut, full: HeldOut, pipeline: dict[str, Any], opts: ExportOptions

@@ -43,6 +43,11 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--no-catalog", action="store_true",
                    help="ship no catalog.npz: the device reranks candidates whose rows come in the request "
                         "(Reranker.rerank_candidates); validated through such requests")
+    e.add_argument("--photo-search", default="auto", choices=["auto", "learnt", "heuristic"],
+                   help="search by photo: auto (default) ships a projection learnt from the catalog's photos "
+                        "(same category and colour = similar) when the catalog has enough labelled photos, else "
+                        "keeps the raw-cosine heuristic and says why in the manifest; learnt: that, or an error; "
+                        "heuristic: no projection")
     e.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
     e.set_defaults(func=cmd_export)
 
@@ -108,6 +113,8 @@ def export_options(args: argparse.Namespace) -> Any:
                                  "static_dim": args.static_dim, "ship_catalog": not args.no_catalog}
     if args.no_image_encoder:
         overrides["image_encoder"] = False
+    if args.photo_search != "auto":
+        overrides["photo_search"] = args.photo_search
     if args.query_encoder:
         overrides["query_encoder"] = args.query_encoder
     return ExportOptions.for_profile(args.profile, **overrides)
@@ -189,6 +196,15 @@ def print_manifest(man: dict[str, Any], out: str) -> None:
         p.add_row(backend, str(r["slates"]), f"{r['ndcg@10_torch']:.4f}", f"{r['ndcg@10_exported']:.4f}",
                   f"{r['ndcg@10_delta']:+.5f}", f"{r['kendall_tau_mean']:.4f}")
     con.print(p)
+    photo = man.get("photo_search")
+    if photo and photo["mode"] == "learnt":
+        tr, fid = photo["training"], photo.get("fidelity", {})
+        con.print(f"search by photo: learnt projection {photo['input_dim']} -> {photo['dim']} from "
+                  f"{tr['photos_used']} catalog photos; held-out mAP {tr['held_out_map_learnt']:.4f} vs "
+                  f"{tr['held_out_map_raw_cosine']:.4f} raw cosine; runtime vs torch fp32: Kendall tau "
+                  f"{fid.get('kendall_tau_mean', float('nan')):.4f}")
+    elif photo:
+        con.print(f"search by photo: heuristic (raw cosine): {photo['reason']}")
     cost = man.get("query_encoder_cost")
     if cost:
         exported = ", ".join(f"{b} {d:+.4f}" for b, d in cost["ndcg@10_delta_exported"].items())

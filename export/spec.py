@@ -42,6 +42,10 @@ HEAD_TAU_BAR = 0.95  # mean Kendall tau of exported vs torch fp32 head scores ov
 PIPELINE_NDCG_BAR = 0.002  # |NDCG@10(exported pipeline) - NDCG@10(torch fp32 pipeline)| on held-out slates
 PIPELINE_TAU_BAR = 0.9  # mean Kendall tau of exported vs torch fp32 pipeline scores on held-out slates
 STATIC_NDCG_COST_BAR = 0.01  # max NDCG@10 a static query encoder may lose to the full text encoder (torch, held out)
+PHOTO_SEARCH_TAU_BAR = 0.95  # mean Kendall tau of the runtime's learnt visual scores vs the fp32 torch reference
+PHOTO_SEARCH_NDCG_BAR = 0.01  # |NDCG@10 delta| of the same (same-type-and-colour grades), on catalog photos
+PHOTO_SEARCH_PROBES = 20  # catalog photos asked as queries, slates of PHOTO_SEARCH_SLATE catalog items
+PHOTO_SEARCH_SLATE = 30
 FP32_ATOL = 1e-3  # max abs diff of an unquantised file (values are O(1))
 
 

@@ -251,3 +251,96 @@ def pipeline_fidelity(bundle_dir: Path, backend: str, held: HeldOut, requests_fr
     if not res["kendall_tau_mean"] >= PIPELINE_TAU_BAR:
         raise ExportValidationError(file, "kendall tau vs torch fp32", res["kendall_tau_mean"], PIPELINE_TAU_BAR)
     return res
+
+
+# ---------------------------------------------------------------------------------------------- search by photo
+
+
+@dataclass
+class PhotoProbes:
+    """Catalog photos asked as search-by-photo queries, with the fp32 torch reference of the learnt ``visual``."""
+
+    photos: np.ndarray  # [Q, Di] the query photos' embeddings (the float feature store's)
+    candidates: list[list[str]]  # Q slates of catalog item ids (the query item itself left out)
+    grades: np.ndarray  # [Q, S] 3 same (category, colour), 1 same category, 0 other; padded with 0
+    mask: np.ndarray  # [Q, S]
+    reference: np.ndarray  # [Q, S] torch fp32 projected cosines (0 at padding)
+
+
+def photo_probes(store: Any, rows: np.ndarray, labels: Sequence[str], projection: Any, num: int, slate: int,
+                 seed: int) -> PhotoProbes:
+    """``num`` labelled catalog photos as queries (seeded), each against a slate of up to ``slate`` other items
+    with a photo: up to a third of the query's (category, colour), the rest random. The reference is computed
+    with torch in float32 from the fp32 projection on the float embeddings -- independently of the numpy scorer
+    the runtime uses (``shared_model.photo_search.visual_scores``)."""
+    rng = np.random.default_rng([seed, 11])
+    lab = np.asarray(labels)
+    cat = np.array([x.split("|", 1)[0] for x in labels])
+    queries = rng.permutation(len(rows))[:num]
+    w = torch.from_numpy(np.asarray(projection.weight, np.float32))
+    mean, inv = (torch.from_numpy(np.asarray(a, np.float32)) for a in (projection.mean, projection.inv_std))
+
+    def project(x: np.ndarray) -> torch.Tensor:
+        return torch.nn.functional.normalize((torch.from_numpy(np.asarray(x, np.float32)) - mean) * inv @ w, dim=-1)
+
+    photos, cands, grades, refs = [], [], [], []
+    for q in queries:
+        others = np.flatnonzero(np.arange(len(rows)) != q)
+        same = others[lab[others] == lab[q]]
+        pick = list(rng.permutation(same)[: slate // 3])
+        rest = np.setdiff1d(others, pick)
+        pick += list(rng.permutation(rest)[: slate - len(pick)])
+        pick = list(rng.permutation(pick))
+        x_q, x_c = store.image[rows[q]], store.image[rows[pick]]
+        with torch.inference_mode():
+            ref = (project(x_c) @ project(x_q[None])[0]).double().numpy()
+            if projection.raw_weight:
+                ref = ref + projection.raw_weight * torch.nn.functional.cosine_similarity(
+                    torch.from_numpy(x_c), torch.from_numpy(x_q)[None], dim=-1).double().numpy()
+        photos.append(x_q)
+        cands.append([store.item_ids[rows[i]] for i in pick])
+        grades.append([3.0 if lab[i] == lab[q] else 1.0 if cat[i] == cat[q] else 0.0 for i in pick])
+        refs.append(ref)
+    s = max((len(c) for c in cands), default=0)
+    mask = np.array([[j < len(c) for j in range(s)] for c in cands], bool).reshape(len(cands), s)
+
+    def pad(vs: Sequence[Any]) -> np.ndarray:  # [Q, s], zeros after each slate
+        return np.array([list(v) + [0.0] * (s - len(v)) for v in vs], np.float64).reshape(len(vs), s)
+
+    return PhotoProbes(np.asarray(photos, np.float32).reshape(len(photos), -1), cands, pad(grades), mask, pad(refs))
+
+
+def photo_search_fidelity(bundle_dir: Path, backend: str, probes: PhotoProbes, requests_from: Any = None
+                          ) -> dict[str, Any]:
+    """The runtime's learnt ``visual`` (``Reranker.visual_similarity``, the projection read from the bundle, the
+    candidates' int8 rows from its catalog -- or from ``requests_from`` for a bundle without one) against the fp32
+    torch reference on ``probes``: Kendall tau and NDCG@10. Raises :class:`ExportValidationError` on a miss."""
+    from client.runtime import Reranker
+    from client.runtime_bundle import PHOTO_SEARCH, CandidateRows
+    from export.spec import PHOTO_SEARCH_NDCG_BAR, PHOTO_SEARCH_TAU_BAR
+
+    rr = Reranker.load(bundle_dir, backend=backend, num_threads=1)
+    if rr.photo_search is None:
+        raise ExportValidationError(PHOTO_SEARCH, "loaded by the runtime", "not loaded", "loaded")
+    refs = rr.catalog if rr.has_catalog else requests_from
+    got = np.zeros_like(probes.reference)
+    for i, ids in enumerate(probes.candidates):
+        cands = CandidateRows.from_catalog(refs, ids, np.array([refs.row(x) for x in ids], np.int64))
+        got[i, : len(ids)] = rr.visual_similarity(probes.photos[i], cands)
+    ref_ndcg = float(np.nanmean(ndcg_at_k(np.where(probes.mask, probes.reference, -1e9), probes.grades,
+                                          probes.mask)))
+    exp_ndcg = float(np.nanmean(ndcg_at_k(np.where(probes.mask, got, -1e9), probes.grades, probes.mask)))
+    tau = kendall_tau(probes.reference, got, probes.mask)
+    res: dict[str, Any] = {"queries": len(probes.candidates), "slate": int(probes.mask.shape[1]), "ndcg@10_reference": ref_ndcg,
+           "ndcg@10_runtime": exp_ndcg, "ndcg@10_delta": exp_ndcg - ref_ndcg,
+           "kendall_tau_mean": float(np.nanmean(tau)), "kendall_tau_min": float(np.nanmin(tau)),
+           "max_abs_diff": float(np.abs(np.where(probes.mask, got - probes.reference, 0)).max()),
+           "reference": "torch fp32 projection on the float feature store", "runtime": f"{backend}: the bundle's "
+           "float16 projection on its int8 catalog rows"}
+    if not res["kendall_tau_mean"] >= PHOTO_SEARCH_TAU_BAR:
+        raise ExportValidationError(PHOTO_SEARCH, "kendall tau of visual scores vs torch fp32",
+                                    res["kendall_tau_mean"], PHOTO_SEARCH_TAU_BAR)
+    if not abs(res["ndcg@10_delta"]) <= PHOTO_SEARCH_NDCG_BAR:
+        raise ExportValidationError(PHOTO_SEARCH, "|ndcg@10 delta| of visual scores vs torch fp32",
+                                    abs(res["ndcg@10_delta"]), PHOTO_SEARCH_NDCG_BAR)
+    return res

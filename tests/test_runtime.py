@@ -299,7 +299,8 @@ def test_catalog_packing_round_trip() -> None:
 
 def test_runtime_runs_where_torch_cannot_be_imported(bundle: Path, tmp_path: Path) -> None:
     """The runtime, in a fresh process whose ``import torch`` raises: loads both backends and reranks. Of fedrank's
-    other areas it may import only the torch-free feature definitions it shares with training."""
+    other areas it may import only the torch-free feature definitions it shares with training (and the numpy
+    scorer of search by photo, ``shared_model.photo_search``, which imports torch only to fit)."""
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(textwrap.dedent("""
@@ -326,7 +327,7 @@ def test_runtime_runs_where_torch_cannot_be_imported(bundle: Path, tmp_path: Pat
             rr = Reranker.load({str(bundle)!r}, backend=backend)
             ids = rr.catalog.item_ids[:12]
             out[backend] = rr.rerank("red dress", ids, recent_item_ids=ids[:3])[:3]
-        allowed = {{"shared_model", "shared_model.head_features"}}
+        allowed = {{"shared_model", "shared_model.head_features", "shared_model.photo_search"}}
         mods = sorted(m for m in sys.modules if m not in allowed
                       and m.split(".")[0] in ("torch", "shared_model", "server", "export", "simulations"))
         print(json.dumps({{"top": out, "forbidden_modules": mods}}))
