@@ -57,12 +57,16 @@ class ModelConfig:
         return asdict(self)
 
 
+DEBIAS_MODES = ("ips", "offset")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How the head is trained, centrally or on a device."""
 
     loss: str = "softmax"
-    ips: bool = True
+    ips: bool = True  # correct the clicks for position bias (false: naive clicks)
+    debias: str = "ips"  # how, when ips is on: "ips" (inverse-propensity weights) or "offset" (see training.py)
     ips_clip: float = 20.0
     local_epochs: int = 1
     batch_size: int = 32
@@ -76,6 +80,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.batch_size <= 0 or self.local_epochs < 0 or self.lr <= 0:
             raise ConfigError("train.batch-size and train.lr must be positive, train.local-epochs >= 0")
+        if self.debias not in DEBIAS_MODES:
+            raise ConfigError(f"train.debias must be one of {DEBIAS_MODES}, got {self.debias!r}")
+        if self.ips_clip <= 0 or self.finetune_ips_clip <= 0:
+            raise ConfigError("train.ips-clip and train.finetune-ips-clip must be > 0")
 
 
 def _coerce(section: str, key: str, value: Any, target: Any) -> Any:

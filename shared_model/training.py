@@ -17,15 +17,38 @@ from shared_model.metrics import MRR, NDCG10, RECALL10, mrr, ndcg_at_k, recall_a
 log = logging.getLogger(__name__)
 
 
-def click_targets(batch: Slates, cfg: TrainConfig, propensities: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """Labels (clicks) and optional IPS weights for one batch."""
+def click_targets(
+    batch: Slates, cfg: TrainConfig, propensities: Tensor | None
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Labels (clicks), optional IPS weights and optional score offsets for one batch.
+
+    With ``cfg.ips`` on, position bias is corrected in one of two ways (``cfg.debias``):
+
+    * ``"ips"`` -- each click is weighted by ``1 / propensity(position)``, clipped at ``cfg.ips_clip``
+      (Joachims et al., 2017): unbiased, but a few clicks deep in the list dominate a small log.
+    * ``"offset"`` -- ``log propensity(position)`` is added to the score of each candidate during training only
+      (the known-propensity form of PAL, Guo et al., 2019): under the position-based model a click's log-odds
+      is ``log P(examined) + relevance``, so the head fits the relevance part and the offset explains the
+      position part. No weights: no variance blow-up on small logs. At inference there is no offset.
+    """
     labels = batch.clicks
-    weights = None
-    if cfg.ips:
-        if propensities is None:
-            raise ValueError("train.ips is on but no position propensities were given")
-        weights = ips_weights(batch.positions, propensities, clip=cfg.ips_clip)
-    return labels, weights
+    if not cfg.ips:
+        return labels, None, None
+    if propensities is None:
+        raise ValueError("train.ips is on but no position propensities were given")
+    if cfg.debias == "offset":
+        return labels, None, position_offsets(batch.positions, propensities)
+    return labels, ips_weights(batch.positions, propensities, clip=cfg.ips_clip), None
+
+
+def position_offsets(positions: Tensor, propensities: Tensor | np.ndarray, floor: float = 1e-3) -> Tensor:
+    """``log propensity(position)`` per candidate ``[B, S]`` (positions past the curve use its last value;
+    propensities are floored at ``floor`` so a zero never gives ``-inf``)."""
+    prop = torch.as_tensor(propensities, dtype=torch.float32, device=positions.device)
+    if prop.dim() != 1 or prop.numel() == 0:
+        raise ValueError(f"propensities must be a non-empty 1-D array, got shape {tuple(prop.shape)}")
+    idx = positions.long().clamp(min=0, max=prop.numel() - 1)
+    return torch.log(prop.clamp(min=floor))[idx]
 
 
 def train_epochs(
@@ -55,8 +78,10 @@ def train_epochs(
         for batch in iterate_batches(slates, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             if batch.clicks.sum() == 0:
                 continue
-            labels, weights = click_targets(batch, cfg, propensities)
+            labels, weights, offsets = click_targets(batch, cfg, propensities)
             scores = model(**head_inputs(batch, table))  # [B, S]
+            if offsets is not None:
+                scores = scores + offsets
             loss = loss_fn(scores, labels, batch.valid, weights)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
