@@ -35,7 +35,7 @@ import re
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +76,7 @@ NAMED_GENDERS = ("men", "women", "boys", "girls")
 INTENT_ATTRIBUTES = ("color", "gender", "brand", "usage", "season")
 METRICS = (NDCG10, MRR, RECALL10)
 LTR_NAME = "lightgbm lambdarank (IPS)"
+IPS_NAME = "fused head (IPS weights)"
 RESULT_FORMAT = "fedrank-real-photos/1"
 REGIME_LABELS = {"half": "half: 50% of titles lose colour words", "none": "none: no title names its colour"}
 
@@ -216,10 +217,14 @@ def simulate(train: list[CatalogItem], work: Path, seed: int) -> tuple[Prepared,
 
 
 def train_all(prep: Prepared, seed: int, epochs: int) -> tuple[dict[str, FusedRankingHead], Any, dict[str, Any]]:
-    """The three heads (``centralized.head_variants``) and, when available, LightGBM; with fit info."""
+    """The heads of ``centralized.head_variants`` (plus the fused head trained with IPS weights, when that is not
+    the default debiasing) and, when available, LightGBM; with fit info."""
     heads: dict[str, FusedRankingHead] = {}
     info: dict[str, Any] = {}
-    for name, (mcfg, tcfg) in head_variants(ModelConfig(), TrainConfig()).items():
+    variants = head_variants(ModelConfig(), TrainConfig())
+    if TrainConfig().debias != "ips":  # the earlier default beside the current one
+        variants[IPS_NAME] = (ModelConfig(), replace(TrainConfig(), debias="ips"))
+    for name, (mcfg, tcfg) in variants.items():
         model, fit = train_central(prep, mcfg, tcfg, epochs=epochs, seed=seed, progress=False)
         heads[name] = model
         info[name] = {k: fit[k] for k in ("epochs_run", "selected_epochs", "seconds", "params")}
@@ -274,7 +279,8 @@ def evaluate(prep: Prepared, heads: dict[str, FusedRankingHead], ranker: Any, ju
 def run_key(args: argparse.Namespace, seed: int, regime: str) -> dict[str, Any]:
     """What determines one (seed, regime) result: a stored result with the same key is reused."""
     return {"format": RESULT_FORMAT, "photos": str(args.photos.resolve()), "items": args.items,
-            "epochs": args.epochs, "seed": seed, "regime": regime, "lightgbm": _ltr is not None}
+            "epochs": args.epochs, "seed": seed, "regime": regime, "lightgbm": _ltr is not None,
+            "model": ModelConfig().to_dict(), "train": asdict(TrainConfig())}
 
 
 def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.Namespace, seed: int,

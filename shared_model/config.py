@@ -66,8 +66,12 @@ class TrainConfig:
 
     loss: str = "softmax"
     ips: bool = True  # correct the clicks for position bias (false: naive clicks)
-    debias: str = "ips"  # how, when ips is on: "ips" (inverse-propensity weights) or "offset" (see training.py)
+    debias: str = "offset"  # how, when ips is on: "offset" (log-propensity score offset) or "ips" (weights)
     ips_clip: float = 20.0
+    # query-image alignment (FusedRankingHead.align_loss): weight of the contrastive term; > 0 also stops the
+    # ranking loss's gradient at the image projection, which then learns from the alignment alone. 0 = off.
+    align_weight: float = 1.0
+    align_temperature: float = 0.1
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 3e-3
@@ -82,6 +86,8 @@ class TrainConfig:
             raise ConfigError("train.batch-size and train.lr must be positive, train.local-epochs >= 0")
         if self.debias not in DEBIAS_MODES:
             raise ConfigError(f"train.debias must be one of {DEBIAS_MODES}, got {self.debias!r}")
+        if self.align_weight < 0 or self.align_temperature <= 0:
+            raise ConfigError("train.align-weight must be >= 0 and train.align-temperature > 0")
         if self.ips_clip <= 0 or self.finetune_ips_clip <= 0:
             raise ConfigError("train.ips-clip and train.finetune-ips-clip must be > 0")
 

@@ -111,6 +111,34 @@ class FusedRankingHead(nn.Module):
         x = torch.cat([*feats, dense, m, qt_cos], dim=-1)  # [B, S, F]
         return self.out(self.body(x)).squeeze(-1)  # [B, S]
 
+    def align_loss(self, query: Tensor, item_image: Tensor, item_mask: Tensor, clicks: Tensor, valid: Tensor,
+                   temperature: float = 0.1) -> Tensor:
+        """Contrastive query-image alignment on a batch of logged slates (InfoNCE with many negatives).
+
+        Each slate's query, projected as in :meth:`forward`, is scored against the projected image of *every*
+        candidate in the batch (``[B, B*S]`` cosines / ``temperature``); the slate's own clicked candidates that
+        have an image are the positives (their log-probabilities averaged), everything else is a negative: the
+        other candidates of the same slate (same type, other colours: the hard ones) and all other slates'.
+        Slates without a clicked image contribute nothing; with none in the batch the loss is ``0`` (and still
+        connected to the parameters). Inputs as :meth:`forward` (``item_mask[..., 1]`` = has an image), plus
+        ``clicks [B, S]`` and ``valid [B, S]``. Only training calls this; export and inference never do.
+        """
+        B, S = item_image.shape[0], item_image.shape[1]
+        has = (item_mask[..., 1] > 0) & valid.bool()  # [B, S]
+        img = self.norm(self.image_proj(item_image) + self.modality_embed[1])  # [B, S, d] as forward's token
+        q = F.normalize(self.norm(self.query_proj(query)), dim=-1)  # [B, d]
+        img = F.normalize(img.reshape(B * S, -1), dim=-1)  # [B*S, d]
+        logits = (q @ img.T) / temperature  # [B, B*S]
+        logits = logits.masked_fill(~has.reshape(1, B * S), -1e4)
+        own = torch.block_diag(*[torch.ones(1, S, dtype=torch.bool, device=query.device)] * B)  # [B, B*S]
+        pos = own & ((clicks > 0) & has).reshape(1, B * S)  # [B, B*S]
+        rows = pos.any(dim=1)
+        if not bool(rows.any()):
+            return logits.sum() * 0.0
+        lse = torch.logsumexp(logits[rows], dim=1)  # [R]
+        mean_pos = (logits[rows] * pos[rows]).sum(dim=1) / pos[rows].sum(dim=1)  # [R]
+        return (lse - mean_pos).mean()
+
     def shared_state_keys(self) -> list[str]:
         """State-dict keys that travel to the server (all, minus personal layers when enabled)."""
         keys = list(self.state_dict().keys())

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from shared_model.config import TrainConfig
 from shared_model.data import ItemTable, Slates, head_inputs, iterate_batches
@@ -74,15 +75,26 @@ def train_epochs(
     model.train()
     total, steps = 0.0, 0
     n_epochs = cfg.local_epochs if epochs is None else epochs
+    align = aligns_images(model, cfg)
+    detached = _with_detached_image_proj(model) if align else {}
     for epoch in range(n_epochs):
         for batch in iterate_batches(slates, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             if batch.clicks.sum() == 0:
                 continue
             labels, weights, offsets = click_targets(batch, cfg, propensities)
-            scores = model(**head_inputs(batch, table))  # [B, S]
+            inputs = head_inputs(batch, table)
+            if align:
+                # the ranking loss does not reach the image projection: it learns from the alignment term only
+                scores = functional_call(model, detached, args=(), kwargs=inputs)  # [B, S]
+            else:
+                scores = model(**inputs)  # [B, S]
             if offsets is not None:
                 scores = scores + offsets
             loss = loss_fn(scores, labels, batch.valid, weights)
+            if align:
+                loss = loss + cfg.align_weight * model.align_loss(  # type: ignore[operator]
+                    inputs["query"], inputs["item_image"], inputs["item_mask"], labels, batch.valid,
+                    cfg.align_temperature)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
@@ -99,6 +111,22 @@ def train_epochs(
         if max_steps is not None and steps >= max_steps:
             break
     return {"train_loss": total / max(steps, 1), "num_steps": float(steps)}
+
+
+def aligns_images(model: nn.Module, cfg: TrainConfig) -> bool:
+    """Whether training ``model`` under ``cfg`` adds the query-image alignment term (a head that uses images and
+    ``align_weight > 0``)."""
+    head_cfg = getattr(model, "cfg", None)
+    return cfg.align_weight > 0 and hasattr(model, "align_loss") and bool(getattr(head_cfg, "use_image", False))
+
+
+def _with_detached_image_proj(model: nn.Module) -> dict[str, Tensor]:
+    """The model's parameters and buffers for ``functional_call``, the image projection's detached (views: they
+    follow the optimizer's in-place updates)."""
+    state: dict[str, Tensor] = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    for name in ("image_proj.weight", "image_proj.bias"):
+        state[name] = state[name].detach()
+    return state
 
 
 @torch.inference_mode()

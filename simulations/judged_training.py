@@ -184,7 +184,9 @@ def training_labels(slates: Slates, loss: str, scale: GradeScale) -> Slates:
 
 def _judged_cfg(train_cfg: TrainConfig) -> TrainConfig:
     get_loss(train_cfg.loss)  # an unknown loss fails here, before anything is embedded or trained
-    return replace(train_cfg, ips=False)
+    # grades are not position-biased clicks: no debiasing, and no click-based query-image alignment (the graded
+    # ranking loss trains the image projection directly, as before)
+    return replace(train_cfg, ips=False, align_weight=0.0)
 
 
 def validation_ndcg(model: FusedRankingHead, val: Slates, table: ItemTable, scale: GradeScale) -> float:
