@@ -83,11 +83,8 @@ def train_epochs(
                 continue
             labels, weights, offsets = click_targets(batch, cfg, propensities)
             inputs = head_inputs(batch, table)
-            if align:
-                # the ranking loss does not reach the image projection: it learns from the alignment term only
-                scores = functional_call(model, detached, args=(), kwargs=inputs)  # [B, S]
-            else:
-                scores = model(**inputs)  # [B, S]
+            # with alignment on, the ranking loss does not reach the image projection (it learns from alignment only)
+            scores = functional_call(model, detached, args=(), kwargs=inputs) if align else model(**inputs)  # [B, S]
             if offsets is not None:
                 scores = scores + offsets
             loss = loss_fn(scores, labels, batch.valid, weights)

@@ -8,7 +8,7 @@ import torch
 from scipy.special import logsumexp
 
 from shared_model.config import ConfigError, ModelConfig, TrainConfig
-from shared_model.head import build_head
+from shared_model.head import FusedRankingHead, build_head
 from shared_model.training import _with_detached_image_proj, aligns_images
 
 B, S = 3, 4
@@ -27,7 +27,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
             "item_mask": mask, "clicks": clicks, "valid": valid}
 
 
-def _reference(head: torch.nn.Module, b: dict[str, torch.Tensor], tau: float) -> float:
+def _reference(head: FusedRankingHead, b: dict[str, torch.Tensor], tau: float) -> float:
     """The same InfoNCE in numpy from the head's own projections."""
     with torch.no_grad():
         img = head.norm(head.image_proj(b["item_image"]) + head.modality_embed[1]).numpy().reshape(B * S, -1)
