@@ -35,6 +35,7 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -287,14 +288,18 @@ def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.N
             regime: str, cache: Path) -> dict[str, Any]:
     """One (seed, regime), stored in its work folder: a rerun with the same key reads it back."""
     path = args.out / "work" / f"seed{seed}-{regime}" / "result.json"
-    key = run_key(args, seed, regime)
+    return stored_result(path, run_key(args, seed, regime),
+                         lambda: compute_one(items, pattern, args, seed, regime, cache))
+
+
+def stored_result(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """The result stored at ``path`` when its ``key`` matches (``reused: True``), else ``compute()`` stored there."""
     if path.is_file():
         old = json.loads(path.read_text())
         if old.get("key") == key:
-            log.info("seed %d %s: reusing %s (same key)", seed, regime, path)
+            log.info("reusing %s (same key)", path)
             return {**old, "reused": True}
-    res = {"key": key, **compute_one(items, pattern, args, seed, regime, cache)}
-    data = results_bytes(res)
+    data = results_bytes({"key": key, **compute()})
     atomic_write(path, lambda f: f.write(data))
     return {**json.loads(data), "reused": False}
 

@@ -283,15 +283,7 @@ def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.N
     key = json.loads(json.dumps(run_key(args, seed, regime)))
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
     path = args.out / "work" / f"seed{seed}-{regime}" / f"result-{Path(args.scenario).stem}-r{args.rounds}-{digest}.json"
-    if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("key") == key:
-            log.info("seed %d %s: reusing %s (same key)", seed, regime, path)
-            return {**old, "reused": True}
-    res = {"key": key, **compute_one(items, pattern, args, seed, regime, cache)}
-    data = results_bytes(res)
-    atomic_write(path, lambda f: f.write(data))
-    return {**json.loads(data), "reused": False}
+    return rp.stored_result(path, key, lambda: compute_one(items, pattern, args, seed, regime, cache))
 
 
 # ------------------------------------------------------------------------------------------ reporting
