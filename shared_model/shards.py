@@ -84,18 +84,51 @@ def partition_users(
     if scheme == "iid":
         part: fp.Partitioner = fp.IidPartitioner(num_partitions=num_clients)
     elif scheme == "dirichlet":
-        part = fp.DirichletPartitioner(num_partitions=num_clients, partition_by="segment", alpha=alpha,
-                                       min_partition_size=1, self_balancing=True, seed=seed)
+        part = _dirichlet_partitioner(ds, num_clients, alpha, seed)  # its dataset already set
     else:
         ds = ds.shuffle(seed=seed)
         raw = np.random.default_rng(seed).lognormal(0.0, 1.0, num_clients)
         extra = np.floor(raw / raw.sum() * (len(users) - num_clients)).astype(int)
         extra[: len(users) - num_clients - extra.sum()] += 1
         part = fp.SizePartitioner(partition_sizes=(1 + extra).tolist())
-    part.dataset = ds
+    if scheme != "dirichlet":
+        part.dataset = ds
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return [np.array(part.load_partition(i)["user"], np.int64) for i in range(num_clients)]
+
+
+DIRICHLET_TRIES = 50
+
+
+def _dirichlet_partitioner(ds: Any, num_clients: int, alpha: float, seed: int) -> Any:
+    """flwr-datasets' ``DirichletPartitioner`` over ``ds``, its partition drawn once.
+
+    It redraws per-client shares up to 10 times and raises when every draw leaves a client without a shopper,
+    which is common with few shoppers per client (300 shoppers in 100 clients fail for most seeds at alpha 0.5).
+    Then the draw is repeated with the derived seeds ``seed * 1000 + k`` (k = 1, 2, ...): a seed that works is
+    always used as given, so existing partitions do not change, and a failing one still gives a deterministic
+    partition (logged)."""
+    from flwr_datasets import partitioner as fp
+
+    tries = [seed, *(seed * 1000 + k for k in range(1, DIRICHLET_TRIES))]
+    for used in tries:
+        part = fp.DirichletPartitioner(num_partitions=num_clients, partition_by="segment", alpha=alpha,
+                                       min_partition_size=1, self_balancing=True, seed=used)
+        part.dataset = ds
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                part.load_partition(0)  # draws every client's share
+        except ValueError:
+            continue
+        if used != seed:
+            log.info("partition.seed %d leaves a Dirichlet(%g) client empty; using the derived seed %d", seed, alpha,
+                     used)
+        return part
+    raise ValueError(f"no Dirichlet(alpha={alpha:g}) partition of {len(ds)} shoppers into {num_clients} non-empty "
+                     f"clients for partition.seed {seed} or its {DIRICHLET_TRIES - 1} derived seeds: use fewer "
+                     "clients or a larger partition.alpha")
 
 
 def shard_dir(settings: RunSettings) -> Path:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import datasets
 import numpy as np
 import pytest
+from flwr_datasets import partitioner as fp
 
 from shared_model.data import build_slates, split_by_time, user_histories
 from shared_model.shards import load_shard, partition_users, write_shards
@@ -68,6 +71,31 @@ def test_dirichlet_is_non_iid() -> None:
         return float(np.median([np.bincount(segments[c], minlength=8).max() / len(c) for c in clients]))
 
     assert dominant_share(0.3) > 0.4 > 0.2 > dominant_share(100.0)  # near-IID gives about 1/8 + noise
+
+
+def test_dirichlet_retries_a_seed_that_leaves_a_client_empty(caplog: pytest.LogCaptureFixture) -> None:
+    # 300 shoppers in 100 clients at alpha 0.5: flwr-datasets' DirichletPartitioner gives up for seed 0
+    users = np.arange(300)
+    segments = np.random.default_rng(0).integers(0, 8, 300)
+    with caplog.at_level(logging.INFO, logger="shared_model.shards"):
+        clients = partition_users(users, segments, "dirichlet", 100, alpha=0.5, seed=0)
+    assert len(clients) == 100 and all(len(c) >= 1 for c in clients)
+    assert sorted(np.concatenate(clients).tolist()) == users.tolist()
+    assert "partition.seed 0 leaves a Dirichlet(0.5) client empty" in caplog.text
+    again = partition_users(users, segments, "dirichlet", 100, alpha=0.5, seed=0)
+    assert all(np.array_equal(a, b) for a, b in zip(clients, again, strict=True))  # deterministic
+    # a seed that works is used as given: its partition is the library's own
+    ok = partition_users(users, segments, "dirichlet", 100, alpha=0.5, seed=1)
+    ref = fp.DirichletPartitioner(num_partitions=100, partition_by="segment", alpha=0.5, min_partition_size=1,
+                                  self_balancing=True, seed=1)
+    ref.dataset = datasets.Dataset.from_dict({"user": users.tolist(), "segment": segments.tolist()})
+    assert all(np.array_equal(a, ref.load_partition(i)["user"]) for i, a in enumerate(ok))
+
+
+def test_dirichlet_impossible_partition_is_a_clear_error() -> None:
+    # 100 shoppers in 100 clients from one segment at a tiny alpha: no draw leaves every client a shopper
+    with pytest.raises(ValueError, match="no Dirichlet.*100 non-empty clients.*partition.alpha"):
+        partition_users(np.arange(100), np.zeros(100, np.int64), "dirichlet", 100, alpha=0.01, seed=0)
 
 
 def test_unknown_scheme_and_too_many_clients() -> None:
