@@ -57,7 +57,7 @@ from shared_model.prepared import Prepared, prepare  # noqa: E402
 from shared_model.schema import Catalog, CatalogItem, atomic_write  # noqa: E402
 from shared_model.training import score_slates  # noqa: E402
 from simulations.baselines import BM25Ranker, CosineRanker  # noqa: E402
-from simulations.centralized import VAL_FRAC, evaluate_all, head_variants, train_central  # noqa: E402
+from simulations.centralized import DEFAULT_CRITERION, VAL_FRAC, evaluate_all, head_variants, train_central  # noqa: E402
 from simulations.evaluate import GradeScale, judged_metrics, judged_sessions, results_bytes  # noqa: E402
 from simulations.marketplace import simulate_catalog_dir  # noqa: E402
 
@@ -281,7 +281,7 @@ def run_key(args: argparse.Namespace, seed: int, regime: str) -> dict[str, Any]:
     """What determines one (seed, regime) result: a stored result with the same key is reused."""
     return {"format": RESULT_FORMAT, "photos": str(args.photos.resolve()), "items": args.items,
             "epochs": args.epochs, "seed": seed, "regime": regime, "lightgbm": _ltr is not None,
-            "model": ModelConfig().to_dict(), "train": asdict(TrainConfig())}
+            "model": ModelConfig().to_dict(), "train": asdict(TrainConfig()), "selection": DEFAULT_CRITERION}
 
 
 def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.Namespace, seed: int,

@@ -62,7 +62,7 @@ from shared_model.prepared import Prepared  # noqa: E402
 from shared_model.schema import CatalogItem, atomic_write, results_bytes  # noqa: E402
 from shared_model.shards import load_shard, partition_users, shard_dir, user_segments  # noqa: E402
 from shared_model.training import evaluate_model  # noqa: E402
-from simulations.centralized import DEFAULT_EPOCHS, train_central  # noqa: E402
+from simulations.centralized import DEFAULT_CRITERION, DEFAULT_EPOCHS, train_central  # noqa: E402
 from simulations.runner import scenario_config, simulate_config  # noqa: E402
 
 log = logging.getLogger("real_photos_federated")
@@ -97,7 +97,7 @@ def central_head(prep: Prepared, work: Path, seed: int, epochs: int) -> tuple[Fu
     """The default fused head trained on the pooled clicks; kept in ``work/central.pt`` and reused while the
     data, the default configs, the seed and ``epochs`` are the same."""
     mcfg, tcfg = default_configs()
-    key = {"model": asdict(mcfg), "train": asdict(tcfg), "epochs": epochs, "seed": seed,
+    key = {"model": asdict(mcfg), "train": asdict(tcfg), "epochs": epochs, "seed": seed, "selection": DEFAULT_CRITERION,
            "data": json.loads((prep.data_dir / "meta.json").read_text())["counts"]}
     path = work / "central.pt"
     if path.is_file():

@@ -17,7 +17,7 @@ from shared_model.data import Slates
 from shared_model.head import FusedRankingHead, build_head, count_parameters
 from shared_model.prepared import Prepared
 from shared_model.schema import atomic_write
-from shared_model.training import ips_click_dcg, ranking_metrics, score_slates, train_epochs
+from shared_model.training import ips_click_dcg, ranking_metrics, score_slates, train_epochs, validation_loss
 from simulations.baselines import BM25Ranker, CosineRanker
 from simulations.ltr import LtrConfig, fit_prepared, slate_queries
 
@@ -26,6 +26,8 @@ DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides
 MIN_EPOCHS = 5  # one epoch's validation clicks cannot tell epoch 2 from epoch 5 (see train_central)
 SELECTION_WINDOW = 3  # epochs whose weights are averaged into the returned head
 VAL_FRAC = 0.1
+CRITERIA = ("loss", "ips-dcg")  # what train_central selects epochs on (validation loss: lower is better)
+DEFAULT_CRITERION = "loss"
 
 
 def train_central(
@@ -38,17 +40,30 @@ def train_central(
     patience: int = 3,
     min_epochs: int = MIN_EPOCHS,
     window: int = SELECTION_WINDOW,
+    criterion: str = DEFAULT_CRITERION,
 ) -> tuple[FusedRankingHead, dict[str, Any]]:
     """Train one head on the pooled training sessions of every user.
 
-    The last 10% of each shopper's training sessions are held out as validation clicks, scored after every epoch
-    by the IPS-estimated DCG@10 of those clicks (``ips_click_dcg``). One epoch's figure is noisy (a few hundred
-    clicks; IPS weights up to the clip), so a single best epoch is a poor choice: the head returned is the
-    *average of the weights* of the ``window`` consecutive epochs whose mean validation figure is highest
+    The last 10% of each shopper's training sessions are held out as validation clicks and scored after every
+    epoch, by ``criterion``:
+
+    * ``"loss"`` (default) -- the training objective on them, with the same debiasing (``validation_loss``):
+      lower is better. It uses every validation slate without importance weights, so it moves smoothly from
+      epoch to epoch and turns up as soon as the head starts to overfit the training clicks (on small logs, such
+      as a few thousand clicks over real photos, that is after one or two epochs).
+    * ``"ips-dcg"`` -- the IPS-estimated DCG@10 of those clicks (``ips_click_dcg``): higher is better; a few
+      hundred clicks with weights up to the clip make it noisy.
+
+    Both are recorded in ``history``. A single best epoch is a poor choice on noisy figures: the head returned
+    is the *average of the weights* of the ``window`` consecutive epochs whose mean validation figure is best
     (stochastic weight averaging over the selected window). Training runs at least ``min_epochs`` epochs and stops
     when that best window has not moved for ``patience`` epochs (at most ``epochs``). Graded relevance is never
     looked at.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"criterion: {criterion!r} is not one of {CRITERIA}")
+    key = "val_loss" if criterion == "loss" else "val_ips_dcg"
+    sign = -1.0 if criterion == "loss" else 1.0  # selection maximises sign * figure
     torch.manual_seed(seed)
     model = build_head(model_cfg, seed=seed)
     fit, val = prep.fit_validation_slates(VAL_FRAC)
@@ -61,16 +76,18 @@ def train_central(
     best, best_state, best_end = -float("inf"), None, 0
     for epoch in range(epochs):
         stats = train_epochs(model, fit, table, train_cfg, props, epochs=1, seed=seed * 100 + epoch)
+        vloss = validation_loss(model, val, table, train_cfg, props)
         vdcg = ips_click_dcg(score_slates(model, val, table), val, props)
-        history.append({"epoch": epoch + 1, **stats, "val_ips_dcg": vdcg})
+        history.append({"epoch": epoch + 1, **stats, "val_loss": vloss, "val_ips_dcg": vdcg})
         recent = [*recent, {k: v.detach().clone() for k, v in model.state_dict().items()}][-window:]
         if progress:
-            log.info("epoch %d/%d loss %.4f validation IPS-DCG@10 %.4f", epoch + 1, epochs, stats["train_loss"], vdcg)
+            log.info("epoch %d/%d loss %.4f validation loss %.4f, IPS-DCG@10 %.4f", epoch + 1, epochs,
+                     stats["train_loss"], vloss, vdcg)
         if len(recent) == window:
-            smoothed = sum(h["val_ips_dcg"] for h in history[-window:]) / window
+            smoothed = sum(h[key] for h in history[-window:]) / window
             history[-1]["val_window_mean"] = smoothed
-            if smoothed > best + 1e-5:
-                best, best_end = smoothed, epoch + 1
+            if sign * smoothed > best + 1e-5:
+                best, best_end = sign * smoothed, epoch + 1
                 best_state = average_states(recent)
         if epoch + 1 >= min_epochs and best_end and epoch + 1 - best_end >= patience:
             break
@@ -79,7 +96,7 @@ def train_central(
     model.eval()
     info = {"epochs_run": len(history), "best_epoch": best_end, "selected_epochs": [best_end - window + 1, best_end],
             "selection": f"mean of the weights of the {window} consecutive epochs with the best mean validation "
-                         "IPS-DCG@10", "seconds": time.perf_counter() - t0, "history": history,
+                         + ("loss" if criterion == "loss" else "IPS-DCG@10"), "criterion": criterion, "seconds": time.perf_counter() - t0, "history": history,
             "params": count_parameters(model)}
     return model, info
 
