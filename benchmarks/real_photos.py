@@ -54,7 +54,7 @@ from shared_model.features import FeatureStore, build_feature_store, encode_quer
 from shared_model.head import FusedRankingHead  # noqa: E402
 from shared_model.metrics import MRR, NDCG10, RECALL10, summarize  # noqa: E402
 from shared_model.prepared import Prepared, prepare  # noqa: E402
-from shared_model.schema import Catalog, CatalogItem, atomic_write  # noqa: E402
+from shared_model.schema import Catalog, CatalogItem, SessionLog, atomic_write  # noqa: E402
 from shared_model.training import score_slates  # noqa: E402
 from simulations.baselines import BM25Ranker, CosineRanker  # noqa: E402
 from simulations.centralized import DEFAULT_CRITERION, VAL_FRAC, evaluate_all, head_variants, train_central  # noqa: E402
@@ -78,7 +78,7 @@ INTENT_ATTRIBUTES = ("color", "gender", "brand", "usage", "season")
 METRICS = (NDCG10, MRR, RECALL10)
 LTR_NAME = "lightgbm lambdarank (IPS)"
 IPS_NAME = "fused head (IPS weights)"
-RESULT_FORMAT = "fedrank-real-photos/1"
+RESULT_FORMAT = "fedrank-real-photos/2"
 REGIME_LABELS = {"half": "half: 50% of titles lose colour words", "none": "none: no title names its colour"}
 
 
@@ -272,7 +272,16 @@ def evaluate(prep: Prepared, heads: dict[str, FusedRankingHead], ranker: Any, ju
     out: dict[str, Any] = {name: summarize(v) for name, v in per.items()}
     by_form = {form: {name: summarize({m: v[m][sel] for m in METRICS}) for name, v in per.items()}
                for form, sel in (("gendered", gendered), ("ungendered", ~gendered))}
-    return {"rankers": out, "by_query_form": by_form, "num_queries": len(sessions),
+    # the same slates with the first stage hidden (random order, no retrieval score): how much of each learnt
+    # ranker's figure comes from following BM25's order rather than from its own reading of query, text and photo
+    hidden_sessions = hide_first_stage(sessions, seed)
+    hidden = build_slates(hidden_sessions, query_emb, np.array([it.price for it in judged], np.float64))
+    hidden_scores = {name: score_slates(model, hidden, table) for name, model in heads.items()}
+    if ranker is not None and _ltr is not None:
+        hidden_scores[LTR_NAME] = _ltr.score_judged_slates(ranker, hidden_sessions, hidden, store, bm25)
+    first_stage_hidden = {name: summarize(judged_metrics(s, hidden, scale)) for name, s in hidden_scores.items()}
+    return {"rankers": out, "by_query_form": by_form, "first_stage_hidden": first_stage_hidden,
+            "num_queries": len(sessions),
             "num_gendered": int(gendered.sum()), "num_judgments": len(judgments),
             "judged_with_image": int(store.mask[:, 1].sum())}
 
@@ -304,6 +313,17 @@ def stored_result(path: Path, key: dict[str, Any], compute: Callable[[], dict[st
     return {**json.loads(data), "reused": False}
 
 
+def hide_first_stage(sessions: SessionLog, seed: int) -> SessionLog:
+    """``sessions`` with every slate's first-stage ranks replaced by a seeded random order and the retrieval
+    scores by zeros (candidates, grades and everything else unchanged)."""
+    rng = np.random.default_rng([seed, 5])
+    ranks = np.concatenate([rng.permutation(int(b - a)) for a, b in zip(sessions.offsets[:-1], sessions.offsets[1:],
+                                                                        strict=True)]) \
+        if len(sessions) else np.zeros(0, np.int64)
+    return replace(sessions, prod_rank=ranks.astype(sessions.prod_rank.dtype),
+                   retrieval_score=np.zeros_like(sessions.retrieval_score))
+
+
 def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.Namespace, seed: int,
                 regime: str, cache: Path) -> dict[str, Any]:
     """One (seed, regime): degrade, split, simulate, train, evaluate."""
@@ -333,11 +353,11 @@ def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argpar
 # ------------------------------------------------------------------------------------------ reporting
 
 
-def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """Per regime, ranker and metric: mean, std, min, max over seeds."""
+def aggregate(runs: list[dict[str, Any]], block: str = "rankers") -> dict[str, Any]:
+    """Per regime, ranker and metric: mean, std, min, max over seeds (of ``judged[block]``)."""
     out: dict[str, Any] = {}
     for regime in dict.fromkeys(r["regime"] for r in runs):
-        rows = [r["judged"]["rankers"] for r in runs if r["regime"] == regime]
+        rows = [r["judged"][block] for r in runs if r["regime"] == regime]
         out[regime] = {}
         for name in rows[0]:
             out[regime][name] = {}
@@ -435,6 +455,7 @@ def main(argv: list[str] | None = None) -> int:
             log.info("seed %d %s: %s", seed, regime, {k: round(v[NDCG10], 4)
                                                       for k, v in runs[-1]["judged"]["rankers"].items()})
     agg = aggregate(runs)
+    hidden = aggregate(runs, "first_stage_hidden")
     payload = {
         "config": {"photos": str(args.photos), "items": args.items, "seeds": args.seeds, "regimes": args.regimes,
                    "epochs": args.epochs, "train_share": TRAIN_SHARE, "slate": SLATE, "min_judged": MIN_JUDGED,
@@ -443,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                    "first_stage_order": "bm25 within the slate", "subset": "uniform random",
                    "split": "item-disjoint, 70/30 within each (articleType, baseColour) stratum"},
         "photo_embedding": photos, "per_seed": runs, "aggregate": agg,
+        "aggregate_first_stage_hidden": hidden,
         "timings": {"total_s": time.perf_counter() - t0},
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -450,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write(args.out / "results.json", lambda f: f.write(data))
     plot(agg, args.out / "ndcg.png")
     print(table(agg))
+    print("\nthe same slates, first stage hidden (random order, no retrieval score):" + table(hidden))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'ndcg.png'} in {time.perf_counter() - t0:.0f} s")
     return 0
 
