@@ -15,7 +15,7 @@
    naive CTR-by-position ratios (biased: the production order puts relevant items on top).
 3. **IPS training**: the fused head (the run config's defaults, IPS on) trained centrally twice with the same
    seed, once with the harvested propensities and once with the true ones (early stopping on each one's
-   IPS-DCG of validation clicks), and evaluated on the held-out sessions against the true grades. ``--runs ...
+   validation loss, ``train_central``'s default), and evaluated on the held-out sessions against the true grades. ``--runs ...
    naive`` adds, for scale, IPS with a power law fitted to the naive CTR ratios.
 
 Writes ``OUT/results.json`` and prints the comparison.

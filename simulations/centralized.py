@@ -94,9 +94,10 @@ def train_central(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    figure = "loss" if criterion == "loss" else "IPS-DCG@10"
     info = {"epochs_run": len(history), "best_epoch": best_end, "selected_epochs": [best_end - window + 1, best_end],
-            "selection": f"mean of the weights of the {window} consecutive epochs with the best mean validation "
-                         + ("loss" if criterion == "loss" else "IPS-DCG@10"), "criterion": criterion, "seconds": time.perf_counter() - t0, "history": history,
+            "selection": f"mean of the weights of the {window} consecutive epochs with the best mean validation {figure}",
+            "criterion": criterion, "seconds": time.perf_counter() - t0, "history": history,
             "params": count_parameters(model)}
     return model, info
 
