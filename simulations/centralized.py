@@ -159,6 +159,7 @@ def run_baselines(
     train_cfg: TrainConfig,
     epochs: int = DEFAULT_EPOCHS,
     seed: int = 0,
+    criterion: str = DEFAULT_CRITERION,
 ) -> dict[str, Any]:
     """Train every head variant and LightGBM ranker centrally, evaluate all rankers, write checkpoints (heads:
     ``.pt``, LightGBM: ``.json``) and ``results.json`` (per ranker: metrics; per trained one: fit time and
@@ -169,7 +170,7 @@ def run_baselines(
     training: dict[str, Any] = {}
     for name, (mcfg, tcfg) in head_variants(model_cfg, train_cfg).items():
         log.info("training %s", name)
-        model, info = train_central(prep, mcfg, tcfg, epochs=epochs, seed=seed)
+        model, info = train_central(prep, mcfg, tcfg, epochs=epochs, seed=seed, criterion=criterion)
         heads[name] = model
         training[name] = info
         save_checkpoint(out_dir / _file_name(name, ".pt"), model,

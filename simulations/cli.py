@@ -66,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     with locked_dir(out):  # one writer per output folder; head.pt itself is written atomically
         prep = prepare(args.data)
         mcfg, tcfg = _model_and_train_cfg(args)
-        model, info = train_central(prep, mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+        model, info = train_central(prep, mcfg, tcfg, epochs=args.epochs, seed=args.seed, criterion=args.selection)
         metrics = evaluate_model(model, prep.slates("test"), prep.table())
         save_checkpoint(out / "head.pt", model, run_config={"data.dir": str(args.data), "train": vars(tcfg)},
                         metrics_history=[*info["history"], {"test": metrics}], seeds={"seed": args.seed})
@@ -107,7 +107,8 @@ def cmd_baselines(args: argparse.Namespace) -> int:
     with locked_dir(Path(args.out)):  # results.json is written atomically
         prep = prepare(args.data)
         mcfg, tcfg = _model_and_train_cfg(args)
-        res = run_baselines(prep, Path(args.out), mcfg, tcfg, epochs=args.epochs, seed=args.seed)
+        res = run_baselines(prep, Path(args.out), mcfg, tcfg, epochs=args.epochs, seed=args.seed,
+                            criterion=args.selection)
     print_table(f"held-out sessions, {res['num_test_sessions']} slates ({args.data})", res["rankers"])
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
@@ -241,6 +242,9 @@ def add_commands(subparsers: Any) -> None:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--fusion", choices=["concat", "gated", "attention"])
         sp.add_argument("--loss", help="softmax | listnet | approx_ndcg | lambdaloss | ranknet")
+        sp.add_argument("--selection", choices=["loss", "ips-dcg"], default="loss",
+                        help="what picks the epochs on validation clicks: the debiased training loss (default) or "
+                             "the IPS-estimated DCG@10")
 
     t = add("train", cmd_train, "train the head centrally on the pooled click logs (the upper bound)")
     head_opts(t)
