@@ -275,7 +275,8 @@ def run_key(args: argparse.Namespace, seed: int, regime: str) -> dict[str, Any]:
     """What determines one (seed, regime) result: a stored result with the same key is reused."""
     return {"format": RESULT_FORMAT, "photos": str(args.photos.resolve()), "items": args.items, "seed": seed,
             "regime": regime, "epochs": args.epochs, "scenario": args.scenario, "rounds": args.rounds,
-            "set": sorted(args.set or []), "model": asdict(default_configs()[0]), "train": asdict(default_configs()[1])}
+            "set": sorted(args.set or []), "model": asdict(default_configs()[0]), "train": asdict(default_configs()[1]),
+            "selection": DEFAULT_CRITERION}
 
 
 def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.Namespace, seed: int,
