@@ -60,7 +60,7 @@ from shared_model.head import FusedRankingHead  # noqa: E402
 from shared_model.metrics import MRR, NDCG10, RECALL10  # noqa: E402
 from shared_model.prepared import Prepared  # noqa: E402
 from shared_model.schema import CatalogItem, atomic_write, results_bytes  # noqa: E402
-from shared_model.shards import load_shard, partition_users, shard_dir, user_segments  # noqa: E402
+from shared_model.shards import load_shard, shard_dir  # noqa: E402
 from shared_model.training import evaluate_model  # noqa: E402
 from simulations.centralized import DEFAULT_CRITERION, DEFAULT_EPOCHS, train_central  # noqa: E402
 from simulations.runner import scenario_config, simulate_config  # noqa: E402
@@ -73,7 +73,6 @@ FEDERATED = "federated fused head"
 TARGET_RATIO = 0.95
 METRICS = (NDCG10, MRR, RECALL10)
 _NOT_IN_RUN_KEY = ("server.num-rounds", "server.out-dir")  # a rerun with more rounds resumes the same run
-PARTITION_TRIES = 100
 PLATEAU_ROUNDS = 10
 SOURCE_AREAS = ("shared_model", "client", "server", "simulations", "benchmarks")
 
@@ -117,31 +116,6 @@ def central_head(prep: Prepared, work: Path, seed: int, epochs: int) -> tuple[Fu
 # ------------------------------------------------------------------------------------------ federated
 
 
-def partition_seed(prep: Prepared, flat: dict[str, Any], seed: int, tries: int = PARTITION_TRIES) -> int:
-    """``seed``, or for the ``dirichlet`` scheme the first of ``seed * 1000 + k`` (k = 0, 1, ...) for which
-    flwr-datasets' ``DirichletPartitioner`` leaves no client without a shopper.
-
-    It draws per-client shares from Dirichlet(alpha) and gives up after 10 draws with an empty client: with 300
-    shoppers (the ``small`` preset these train catalogs get) in 100 clients, most seeds fail at alpha 0.5."""
-    settings = parse_run_config(flat)
-    p = settings.partition
-    if p.scheme != "dirichlet":
-        return seed
-    users = np.unique(prep.log.user)
-    segments = user_segments(prep.data_dir, users)
-    for k in range(tries):
-        try:
-            partition_users(users, segments, p.scheme, p.num_clients, p.alpha, seed * 1000 + k)
-        except ValueError:
-            continue
-        if k:
-            log.info("partition.seed %d: the first seed from %d whose Dirichlet partition has no empty client",
-                     seed * 1000 + k, seed * 1000)
-        return seed * 1000 + k
-    raise SystemExit(f"no partition.seed in {seed * 1000}..{seed * 1000 + tries - 1} partitions {len(users)} "
-                     f"shoppers into {p.num_clients} non-empty Dirichlet({p.alpha:g}) clients")
-
-
 def federated_config(args: argparse.Namespace, prep: Prepared, work: Path, seed: int) -> dict[str, Any]:
     """Pyproject defaults < scenario < this benchmark's settings < ``--set``, with the run folder under ``work``
     named by the config (less the round count) and the data folder's ``meta.json``."""
@@ -149,7 +123,8 @@ def federated_config(args: argparse.Namespace, prep: Prepared, work: Path, seed:
     extra = {"data.dir": str(prep.data_dir), "server.seed": seed, **sets}
     flat = scenario_config(args.scenario, rounds=args.rounds, extra=extra)
     if "partition.seed" not in sets:
-        flat["partition.seed"] = partition_seed(prep, flat, seed)
+        # a Dirichlet draw that leaves a client empty is retried with derived seeds by shards.partition_users
+        flat["partition.seed"] = seed
     run_key = {k: v for k, v in sorted(flat.items()) if k not in _NOT_IN_RUN_KEY}
     run_key["data.meta"] = (prep.data_dir / "meta.json").read_text()  # new clicks: a new run, never a resumed one
     digest = hashlib.sha256(json.dumps(run_key, sort_keys=True).encode()).hexdigest()[:10]
