@@ -26,7 +26,9 @@ DEFAULT_EPOCHS = 12  # at most; early stopping on validation clicks decides
 MIN_EPOCHS = 5  # one epoch's validation clicks cannot tell epoch 2 from epoch 5 (see train_central)
 SELECTION_WINDOW = 3  # epochs whose weights are averaged into the returned head
 VAL_FRAC = 0.1
-CRITERIA = ("loss", "ips-dcg")  # what train_central selects epochs on (validation loss: lower is better)
+# what train_central selects epochs on: criterion -> (history key, sign that makes higher better, label)
+_SELECTION = {"loss": ("val_loss", -1.0, "loss"), "ips-dcg": ("val_ips_dcg", 1.0, "IPS-DCG@10")}
+CRITERIA = tuple(_SELECTION)
 DEFAULT_CRITERION = "loss"
 
 
@@ -62,8 +64,7 @@ def train_central(
     """
     if criterion not in CRITERIA:
         raise ValueError(f"criterion: {criterion!r} is not one of {CRITERIA}")
-    key = "val_loss" if criterion == "loss" else "val_ips_dcg"
-    sign = -1.0 if criterion == "loss" else 1.0  # selection maximises sign * figure
+    key, sign, figure = _SELECTION[criterion]  # selection maximises sign * figure
     torch.manual_seed(seed)
     model = build_head(model_cfg, seed=seed)
     fit, val = prep.fit_validation_slates(VAL_FRAC)
@@ -94,7 +95,6 @@ def train_central(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
-    figure = "loss" if criterion == "loss" else "IPS-DCG@10"
     info = {"epochs_run": len(history), "best_epoch": best_end, "selected_epochs": [best_end - window + 1, best_end],
             "selection": f"mean of the weights of the {window} consecutive epochs with the best mean validation {figure}",
             "criterion": criterion, "seconds": time.perf_counter() - t0, "history": history,

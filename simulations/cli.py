@@ -242,6 +242,7 @@ def add_commands(subparsers: Any) -> None:
         sp.add_argument("--seed", type=int, default=0)
         sp.add_argument("--fusion", choices=["concat", "gated", "attention"])
         sp.add_argument("--loss", help="softmax | listnet | approx_ndcg | lambdaloss | ranknet")
+        # simulations.centralized.CRITERIA / DEFAULT_CRITERION, spelt out so that --help does not import torch
         sp.add_argument("--selection", choices=["loss", "ips-dcg"], default="loss",
                         help="what picks the epochs on validation clicks: the debiased training loss (default) or "
                              "the IPS-estimated DCG@10")

@@ -123,3 +123,17 @@ def test_unknown_selection_criterion_is_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="criterion: 'ndcg'"):
         central.train_central(synthetic_prepared(tmp_path), ModelConfig(hidden=16, proj_dim=8), TrainConfig(),
                               progress=False, criterion="ndcg")
+
+
+def test_cli_selection_choices_are_the_criteria() -> None:
+    import argparse
+
+    from simulations.cli import add_commands
+
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    for command in ("train", "baselines"):
+        args = parser.parse_args([command, "--out", "x"])
+        assert args.selection == central.DEFAULT_CRITERION
+        for criterion in CRITERIA:
+            assert parser.parse_args([command, "--out", "x", "--selection", criterion]).selection == criterion
