@@ -22,8 +22,10 @@ the titles, the judged queries and slates over the judged items, and the shopper
    rounds resumes from the last checkpoint instead of starting again, and new clicks start a new run.
 3. **Evaluation**: both heads, and the global head of every round (its checkpoint ``checkpoints/round-NNN.pt``),
    on the judged, item-disjoint slates (``real_photos.evaluate``: NDCG@10, MRR, Recall@10); also on the
-   simulator's own held-out sessions. The federated figure is the *last* round's head: no round is picked by
-   looking at the judged slates.
+   simulator's own held-out sessions. The federated figure is the head the server writes as ``averaged.pt``: the
+   mean of the last ``server.average-rounds`` rounds' global heads (``shared_model.checkpoint.tail_window``:
+   rounds 21-30 of 30), recomputed here from the checkpoints with the server's own functions; the last round's
+   head is reported beside it. No round is picked by looking at the judged slates.
 
 Writes ``OUT/results.json`` (config, per (seed, regime): central and federated figures and their ratio, the
 round-by-round curve, timings; aggregate mean/min/max over seeds) and ``OUT/curve.png``. Deterministic by seed
@@ -52,7 +54,12 @@ import torch  # noqa: E402
 
 from benchmarks import real_photos as rp  # noqa: E402
 from shared_model.catalog_io import load_catalog  # noqa: E402
-from shared_model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from shared_model.checkpoint import (  # noqa: E402
+    average_checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    tail_window,
+)
 from shared_model.config import ModelConfig, TrainConfig, load_defaults, parse_run_config  # noqa: E402
 from shared_model.console import parse_sets  # noqa: E402
 from shared_model.embedding_cache import CACHE_ENV, feature_cache_dir  # noqa: E402
@@ -67,12 +74,14 @@ from simulations.runner import scenario_config, simulate_config  # noqa: E402
 
 log = logging.getLogger("real_photos_federated")
 
-RESULT_FORMAT = "fedrank-real-photos-federated/1"
+RESULT_FORMAT = "fedrank-real-photos-federated/2"
 CENTRAL = "centralized fused head"
-FEDERATED = "federated fused head"
+FEDERATED = "federated fused head"  # tail-averaged (averaged.pt)
+LAST_ROUND = "federated fused head, last round"
 TARGET_RATIO = 0.95
 METRICS = (NDCG10, MRR, RECALL10)
-_NOT_IN_RUN_KEY = ("server.num-rounds", "server.out-dir")  # a rerun with more rounds resumes the same run
+# a rerun with more rounds resumes the same run; tail averaging only reads the checkpoints a run leaves
+_NOT_IN_RUN_KEY = ("server.num-rounds", "server.out-dir", "server.average-rounds")
 PLATEAU_ROUNDS = 10
 SOURCE_AREAS = ("shared_model", "client", "server", "simulations", "benchmarks")
 
@@ -212,11 +221,14 @@ def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argpar
     rounds = int(flat["server.num-rounds"])
     run_dir = Path(flat["server.out-dir"])
     per_round = round_heads(run_dir, rounds)
-    heads = {CENTRAL: central, FEDERATED: per_round[rounds], **{round_name(r): m for r, m in per_round.items()}}
+    window = tail_window(rounds, parse_run_config(flat).server.average_rounds)
+    averaged = (average_checkpoints([run_dir / "checkpoints" / f"round-{r:03d}.pt" for r in window]) if window
+                else per_round[rounds])
+    heads = {CENTRAL: central, FEDERATED: averaged, LAST_ROUND: per_round[rounds],
+             **{round_name(r): m for r, m in per_round.items()}}
     judged_res = rp.evaluate(prep, heads, None, judged, judgments, cache, seed)
     test, table = prep.slates("test"), prep.table()
-    simulated = {CENTRAL: evaluate_model(central, test, table), FEDERATED: evaluate_model(per_round[rounds], test,
-                                                                                       table)}
+    simulated = {name: evaluate_model(heads[name], test, table) for name in (CENTRAL, FEDERATED, LAST_ROUND)}
     t4 = time.perf_counter()
     rankers = judged_res["rankers"]
     curve = [{"round": r, "judged": {m: rankers[round_name(r)][m] for m in METRICS},
@@ -227,7 +239,7 @@ def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argpar
             form.pop(round_name(r), None)
     for r in per_round:
         rankers.pop(round_name(r))
-    c, f = rankers[CENTRAL][NDCG10], rankers[FEDERATED][NDCG10]
+    c, f, last = rankers[CENTRAL][NDCG10], rankers[FEDERATED][NDCG10], rankers[LAST_ROUND][NDCG10]
     changed = source_digest() != code
     if changed:
         log.warning("seed %d %s: the code or defaults changed while it ran: its result is not trustworthy", seed,
@@ -238,8 +250,10 @@ def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argpar
         "federated": {"run_dir": str(run_dir), "rounds": rounds, "run_config": flat,
                       "seconds_total": fed_run.get("seconds_total"), "reused": fed_run["reused"],
                       "peak_tree_rss_mb": fed_run.get("peak_tree_rss_mb"),
-                      "partition": client_sizes(flat)},
-        "ndcg10": {"central": c, "federated": f, "ratio": f / c if c else float("nan")},
+                      "partition": client_sizes(flat),
+                      "averaged_rounds": [window[0], window[-1]] if window else [rounds, rounds]},
+        "ndcg10": {"central": c, "federated": f, "ratio": f / c if c else float("nan"), "last_round": last,
+                   "last_round_ratio": last / c if c else float("nan")},
         "judged": judged_res, "simulated_heldout": simulated, "curve": curve,
         "timings": {"simulate_prepare_s": t1 - t0, "central_s": t2 - t1, "federated_s": t3 - t2,
                     "evaluate_s": t4 - t3, "total_s": t4 - t0},
@@ -279,7 +293,7 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for regime in dict.fromkeys(r["regime"] for r in runs):
         rows = [{**r["ndcg10"], "plateau_ratio": plateau(r)["ratio"]} for r in runs if r["regime"] == regime]
         out[regime] = {}
-        for k in ("central", "federated", "ratio", "plateau_ratio"):
+        for k in ("central", "federated", "ratio", "last_round_ratio", "plateau_ratio"):
             v = np.array([row[k] for row in rows], np.float64)
             out[regime][k] = {"mean": float(v.mean()), "min": float(v.min()), "max": float(v.max()), "n": len(v)}
         out[regime]["all_seeds_reach_target"] = bool(min(row["ratio"] for row in rows) >= TARGET_RATIO)
@@ -287,15 +301,16 @@ def aggregate(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(runs: list[dict[str, Any]], agg: dict[str, Any]) -> str:
-    lines = [f"{'seed':>4s} {'regime':6s} {'central':>8s} {'fedavg':>8s} {'ratio':>7s} {'plateau':>8s}  "
-             f"(judged NDCG@10; fedavg: last round's head; plateau: mean of the last {PLATEAU_ROUNDS} rounds' heads)"]
+    lines = [f"{'seed':>4s} {'regime':6s} {'central':>8s} {'fedavg':>8s} {'ratio':>7s} {'last':>8s} {'ratio':>7s} "
+             f"{'plateau':>8s}  (judged NDCG@10; fedavg: the tail-averaged head, averaged.pt; last: the last round's "
+             f"head; plateau: mean NDCG@10 of the last {PLATEAU_ROUNDS} rounds' heads)"]
     for r in runs:
         n, pl = r["ndcg10"], plateau(r)
         lines.append(f"{r['seed']:>4d} {r['regime']:6s} {n['central']:8.4f} {n['federated']:8.4f} {n['ratio']:7.3f} "
-                     f"{pl['ndcg10']:8.4f} (ratio {pl['ratio']:.3f})")
+                     f"{n['last_round']:8.4f} {n['last_round_ratio']:7.3f} {pl['ndcg10']:8.4f} (ratio {pl['ratio']:.3f})")
     for regime, a in agg.items():
         cells = "; ".join(f"{k} {a[k]['mean']:.4f} [{a[k]['min']:.4f},{a[k]['max']:.4f}]"
-                          for k in ("central", "federated", "ratio", "plateau_ratio"))
+                          for k in ("central", "federated", "ratio", "last_round_ratio", "plateau_ratio"))
         lines.append(f"{regime}: mean [min,max] over {a['ratio']['n']} seed(s): {cells}")
     return "\n".join(lines)
 
@@ -315,6 +330,8 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
             xs = [p["round"] for p in r["curve"]]
             ax.plot(xs, [p["judged"][NDCG10] for p in r["curve"]], color=colour, label=f"FedAvg, seed {r['seed']}")
             ax.axhline(r["ndcg10"]["central"], color=colour, ls="--", lw=1, label=f"central, seed {r['seed']}")
+            ax.plot([r["federated"]["averaged_rounds"][1]], [r["ndcg10"]["federated"]], marker="*", ms=10,
+                    color=colour, ls="none", label=f"tail average, seed {r['seed']}")
         ax.set_title(rp.REGIME_LABELS[regime], fontsize=10)
         ax.set_xlabel("round")
         ax.set_ylabel("NDCG@10 (judged, item-disjoint)")
@@ -367,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
                    "central_epochs": args.epochs, "scenario": args.scenario, "rounds": args.rounds,
                    "set": args.set or [], "target_ratio": TARGET_RATIO, "cache": str(cache),
                    "model": asdict(default_configs()[0]), "train": asdict(default_configs()[1]),
-                   "federated_head": "the last round's global head (no round chosen on the judged slates)"},
+                   "federated_head": "the mean of the last server.average-rounds rounds' global heads (averaged.pt); "
+                                     "the last round's head beside it; no round chosen on the judged slates"},
         "per_seed": runs, "aggregate": agg, "timings": {"total_s": time.perf_counter() - t0},
     }
     args.out.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,9 @@ from server.nodes import PartitionOrderedGrid
 from server.privacy import privacy_report, wrap_strategy
 from server.report import plot_run
 from server.strategies import FedBuff, build_strategy
+from shared_model.checkpoint import average_checkpoints, save_checkpoint, tail_window
 from shared_model.config import RunSettings
+from shared_model.head import FusedRankingHead
 from shared_model.prepared import Prepared, prepare
 from shared_model.records import (
     LOCAL_EPOCHS,
@@ -33,6 +36,7 @@ from shared_model.shards import ensure_shards
 from shared_model.training import evaluate_model
 
 log = logging.getLogger(__name__)
+AVERAGED = "averaged.pt"  # tail average of the last rounds' global heads (server.average-rounds)
 
 
 def peak_rss_mb() -> float:
@@ -72,8 +76,27 @@ def run_server(grid: Grid, settings: RunSettings, progress: bool = True) -> dict
     if bar is not None:
         bar.close()
     results = build_results(settings, state, prep, time.perf_counter() - t_start)
+    results["averaged"] = write_tail_average(settings, state, out, lambda m: evaluate_model(m, test, table))
     write_results(out, results)
     return results
+
+
+def write_tail_average(settings: RunSettings, state: LoopState, out: Path,
+                       central_eval: Callable[[FusedRankingHead], dict[str, float]]) -> dict[str, Any]:
+    """Tail averaging (``server.average-rounds``): the mean of the last rounds' global heads, read back from their
+    checkpoints (so a resumed run averages the same rounds), written to ``averaged.pt`` and evaluated like the
+    last round's head. The last round's noise from the few devices it sampled averages out; the centralized head
+    averages its best epochs in the same way. ``{}`` (and no file) when the window is empty."""
+    last = int(state.rounds[-1]["round"]) if state.rounds else 0
+    window = tail_window(last, settings.server.average_rounds)
+    if not window:
+        (out / AVERAGED).unlink(missing_ok=True)  # never leave an older run's average beside this run's last.pt
+        return {}
+    model = average_checkpoints([out / "checkpoints" / f"round-{r:03d}.pt" for r in window])
+    save_checkpoint(out / AVERAGED, model, run_config=settings.to_flat(), round=last,
+                    extra={"averaged_rounds": [window[0], window[-1]]})
+    log.info("averaged the global heads of rounds %d-%d into %s", window[0], window[-1], out / AVERAGED)
+    return {"rounds": [window[0], window[-1]], "central": central_eval(model)}
 
 
 def _progress_bar(settings: RunSettings, state: LoopState, enabled: bool) -> Any:

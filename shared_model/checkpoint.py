@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -70,3 +71,32 @@ def load_checkpoint(path: str | os.PathLike[str]) -> tuple[FusedRankingHead, dic
     model.load_state_dict(payload["state_dict"])
     model.eval()
     return model, payload
+
+
+def average_states(states: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of state dicts with the same keys (non-float entries: the last state's)."""
+    return {k: (torch.stack([s[k] for s in states]).mean(0) if states[-1][k].is_floating_point() else states[-1][k])
+            for k in states[-1]}
+
+
+def tail_window(last_round: int, average_rounds: int) -> range:
+    """The rounds whose global heads ``server.average-rounds`` averages: the last ``average_rounds`` of a run that
+    ended after ``last_round``, but never more than its last third (the early heads of a short run are far from
+    converged). Empty when that leaves fewer than two rounds: there is nothing to average."""
+    k = min(average_rounds, last_round // 3)
+    return range(last_round - k + 1, last_round + 1) if k >= 2 else range(0)
+
+
+def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> FusedRankingHead:
+    """The head whose weights are the mean of the checkpoints' (tail averaging of a federated run's global
+    heads). The checkpoints must hold the same architecture; the first one that differs is named."""
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    models = [load_checkpoint(p)[0] for p in paths]
+    for path, m in zip(paths, models, strict=True):
+        if m.cfg != models[0].cfg:
+            raise CheckpointError(f"{path}: model config {m.cfg} differs from {paths[0]}'s {models[0].cfg}")
+    head = FusedRankingHead(models[0].cfg)
+    head.load_state_dict(average_states([m.state_dict() for m in models]))
+    head.eval()
+    return head

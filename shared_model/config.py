@@ -236,6 +236,13 @@ class ServerConfig:
     round_timeout: float = 600.0
     resume: bool = True
     seed: int = 0
+    # tail averaging: the mean of the last N rounds' global heads (at most the run's last third) is written as
+    # averaged.pt beside last.pt and evaluated in results.json; 0 or 1 = off
+    average_rounds: int = 10
+
+    def __post_init__(self) -> None:
+        if self.average_rounds < 0:
+            raise ConfigError(f"server.average-rounds: {self.average_rounds} must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from shared_model.checkpoint import load_checkpoint, save_checkpoint
+from shared_model.checkpoint import average_states, load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import Slates
 from shared_model.head import FusedRankingHead, build_head, count_parameters
@@ -100,12 +100,6 @@ def train_central(
             "criterion": criterion, "seconds": time.perf_counter() - t0, "history": history,
             "params": count_parameters(model)}
     return model, info
-
-
-def average_states(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Element-wise mean of state dicts with the same keys (non-float entries: the last state's)."""
-    return {k: (torch.stack([s[k] for s in states]).mean(0) if states[-1][k].is_floating_point() else states[-1][k])
-            for k in states[-1]}
 
 
 def head_variants(base: ModelConfig, base_train: TrainConfig) -> dict[str, tuple[ModelConfig, TrainConfig]]:

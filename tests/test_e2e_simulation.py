@@ -12,8 +12,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from shared_model.checkpoint import load_checkpoint
 from tests.procs import process_env, simulate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +79,20 @@ def test_resume_with_client_sampling_matches_uninterrupted_run(tmp_path: Path) -
     assert res["resumed_from_round"] == 2 and [r["sampled"] for r in res["rounds"]] == [5, 5, 5]
     for a, b in zip(full["rounds"], res["rounds"], strict=True):
         assert a["central"]["ndcg@10"] == pytest.approx(b["central"]["ndcg@10"], abs=1e-6)
+
+
+def test_tail_average_of_the_last_rounds(tmp_path: Path) -> None:
+    """``server.average-rounds``: averaged.pt holds the mean of the last rounds' global heads, and results.json
+    evaluates it beside the last round's head."""
+    out = tmp_path / "run"
+    _simulate(tmp_path, "--scenario", "smoke", "--set", "server.average-rounds=2", "--out", str(out), "--rounds", "6")
+    res = _check_results(out, rounds=6)
+    assert res["averaged"]["rounds"] == [5, 6] and 0.0 < res["averaged"]["central"]["ndcg@10"] <= 1.0
+    averaged = load_checkpoint(out / "averaged.pt")[0].state_dict()
+    last = [load_checkpoint(out / "checkpoints" / f"round-{r:03d}.pt")[0].state_dict() for r in (5, 6)]
+    for name, value in averaged.items():
+        np.testing.assert_allclose(value.numpy(), (last[0][name].numpy() + last[1][name].numpy()) / 2, rtol=1e-5,
+                                   atol=1e-7)
 
 
 def test_smoke_through_flwr_run(tmp_path: Path) -> None:

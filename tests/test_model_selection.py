@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import simulations.centralized as central
+from shared_model.checkpoint import average_states
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.training import click_targets, score_slates, validation_loss
 from simulations.centralized import CRITERIA
@@ -23,7 +24,7 @@ def test_average_states_is_the_elementwise_mean() -> None:
     a, b, c = (rng.normal(size=(3, 4)).astype(np.float32) for _ in range(3))
     states = [{"w": torch.from_numpy(x), "n": torch.tensor(k)} for k, x in enumerate((a, b, c))]
     # Execute
-    avg = central.average_states(states)
+    avg = average_states(states)
     # Assert
     np.testing.assert_allclose(avg["w"].numpy(), (a + b + c) / 3, rtol=1e-6)
     assert int(avg["n"]) == 2  # integer entries: the last state's
