@@ -175,6 +175,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def averaged_row(res: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The tail-averaged head's row (``averaged.pt``, ``server.average-rounds``), when the run wrote one."""
+    avg = res.get("averaged") or {}
+    if not avg:
+        return {}
+    first, last = avg["rounds"]
+    return {f"  mean of rounds {first}-{last} (averaged.pt)": avg["central"]}
+
+
 def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.runner import resume_config, simulate, simulate_config
 
@@ -188,6 +197,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         print("fedrank simulate: give --scenario NAME or --resume DIR", file=sys.stderr)
         return 2
     rows = {f"federated ({res['run_config']['strategy.name']})": res["final"]}
+    rows.update(averaged_row(res))
     rows.update(res.get("references", {}))
     print_table(f"{res['scenario']}: held-out sessions after {len(res['rounds'])} rounds", rows)
     spr = res["seconds_per_round"]
@@ -214,6 +224,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg = fed["run_config"]
     rows[f"federated head ({cfg['strategy.name']}, {cfg['partition.num-clients']} clients, "
          f"{len(fed['rounds'])} rounds)"] = fed["final"]
+    rows.update(averaged_row(fed))
     print_table(f"held-out sessions, {base['num_test_sessions']} slates ({args.data})", rows)
     share = fed["final"]["ndcg@10"] / base["rankers"]["fused head"]["ndcg@10"]
     print(f"federated / centralized fused head NDCG@10: {share:.1%}; "

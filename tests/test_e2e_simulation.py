@@ -85,9 +85,11 @@ def test_tail_average_of_the_last_rounds(tmp_path: Path) -> None:
     """``server.average-rounds``: averaged.pt holds the mean of the last rounds' global heads, and results.json
     evaluates it beside the last round's head."""
     out = tmp_path / "run"
-    _simulate(tmp_path, "--scenario", "smoke", "--set", "server.average-rounds=2", "--out", str(out), "--rounds", "6")
+    proc = _simulate(tmp_path, "--scenario", "smoke", "--set", "server.average-rounds=2", "--out", str(out),
+                     "--rounds", "6")
     res = _check_results(out, rounds=6)
     assert res["averaged"]["rounds"] == [5, 6] and 0.0 < res["averaged"]["central"]["ndcg@10"] <= 1.0
+    assert "mean of rounds 5-6 (averaged.pt)" in proc.stdout
     averaged = load_checkpoint(out / "averaged.pt")[0].state_dict()
     last = [load_checkpoint(out / "checkpoints" / f"round-{r:03d}.pt")[0].state_dict() for r in (5, 6)]
     for name, value in averaged.items():
