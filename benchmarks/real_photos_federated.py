@@ -55,7 +55,7 @@ import torch  # noqa: E402
 from benchmarks import real_photos as rp  # noqa: E402
 from shared_model.catalog_io import load_catalog  # noqa: E402
 from shared_model.checkpoint import (  # noqa: E402
-    average_checkpoints,
+    average_heads,
     load_checkpoint,
     save_checkpoint,
     tail_window,
@@ -222,8 +222,7 @@ def compute_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argpar
     run_dir = Path(flat["server.out-dir"])
     per_round = round_heads(run_dir, rounds)
     window = tail_window(rounds, parse_run_config(flat).server.average_rounds)
-    averaged = (average_checkpoints([run_dir / "checkpoints" / f"round-{r:03d}.pt" for r in window]) if window
-                else per_round[rounds])
+    averaged = average_heads([per_round[r] for r in window]) if window else per_round[rounds]  # as averaged.pt
     heads = {CENTRAL: central, FEDERATED: averaged, LAST_ROUND: per_round[rounds],
              **{round_name(r): m for r, m in per_round.items()}}
     judged_res = rp.evaluate(prep, heads, None, judged, judgments, cache, seed)

@@ -87,16 +87,23 @@ def tail_window(last_round: int, average_rounds: int) -> range:
     return range(last_round - k + 1, last_round + 1) if k >= 2 else range(0)
 
 
-def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> FusedRankingHead:
-    """The head whose weights are the mean of the checkpoints' (tail averaging of a federated run's global
-    heads). The checkpoints must hold the same architecture; the first one that differs is named."""
-    if not paths:
-        raise ValueError("average_checkpoints: no checkpoints given")
-    models = [load_checkpoint(p)[0] for p in paths]
-    for path, m in zip(paths, models, strict=True):
+def average_heads(models: Sequence[FusedRankingHead], names: Sequence[object] | None = None) -> FusedRankingHead:
+    """The head whose weights are the mean of ``models``' (tail averaging of a federated run's global heads). They
+    must share one architecture; the first that differs is named (by ``names``, when given)."""
+    if not models:
+        raise ValueError("average: no heads given")
+    labels = list(names) if names is not None else list(range(len(models)))
+    for label, m in zip(labels, models, strict=True):
         if m.cfg != models[0].cfg:
-            raise CheckpointError(f"{path}: model config {m.cfg} differs from {paths[0]}'s {models[0].cfg}")
+            raise CheckpointError(f"{label}: model config {m.cfg} differs from {labels[0]}'s {models[0].cfg}")
     head = FusedRankingHead(models[0].cfg)
     head.load_state_dict(average_states([m.state_dict() for m in models]))
     head.eval()
     return head
+
+
+def average_checkpoints(paths: Sequence[str | os.PathLike[str]]) -> FusedRankingHead:
+    """:func:`average_heads` of the heads in these checkpoint files."""
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    return average_heads([load_checkpoint(p)[0] for p in paths], names=paths)
