@@ -21,6 +21,11 @@ Runs on any catalog in the Kaggle ``styles.csv`` + ``images/<id>.jpg`` layout; d
    Grades: 3 = type and colour (and gender, if named), 2 = type and colour, other gender, 1 = type, 0 = other.
    First-stage order the heads see: BM25's within the slate (``evaluate.judged_sessions``, as ``evaluate
    --judgments`` does); the shopper has no history.
+5. **First stage, two diagnostics** on the same slates: hidden (a random order and no retrieval score: what each
+   head reads from query, text and photo alone), and the logs' production ranker
+   (``market_slates.production_first_stage``: the simulator's title-overlap + popularity + noise score, as a shop
+   serves new slates with the ranker that ordered its logs). BM25 is a better first stage than the logs' ranker,
+   so a head that follows the first stage more than the logs justify gains on the headline slates only.
 
 Writes ``OUT/results.json`` (config, per-seed figures, aggregate mean/std/min/max, timings) and ``OUT/ndcg.png``.
 """
@@ -48,7 +53,7 @@ import torch  # noqa: E402
 
 from shared_model.catalog_io import load_catalog, save_catalog_jsonl  # noqa: E402
 from shared_model.config import ModelConfig, TrainConfig  # noqa: E402
-from shared_model.data import ItemTable, build_slates  # noqa: E402
+from shared_model.data import ItemTable, Slates, build_slates  # noqa: E402
 from shared_model.embedding_cache import CACHE_ENV, feature_cache_dir  # noqa: E402
 from shared_model.features import FeatureStore, build_feature_store, encode_queries  # noqa: E402
 from shared_model.head import FusedRankingHead  # noqa: E402
@@ -59,6 +64,8 @@ from shared_model.training import score_slates  # noqa: E402
 from simulations.baselines import BM25Ranker, CosineRanker  # noqa: E402
 from simulations.centralized import DEFAULT_CRITERION, VAL_FRAC, evaluate_all, head_variants, train_central  # noqa: E402
 from simulations.evaluate import GradeScale, judged_metrics, judged_sessions, results_bytes  # noqa: E402
+from simulations.market_config import MarketConfig, make_config  # noqa: E402
+from simulations.market_slates import production_first_stage  # noqa: E402
 from simulations.marketplace import simulate_catalog_dir  # noqa: E402
 
 try:  # LightGBM LambdaRank (simulations/ltr.py); the benchmark runs without it
@@ -78,7 +85,8 @@ INTENT_ATTRIBUTES = ("color", "gender", "brand", "usage", "season")
 METRICS = (NDCG10, MRR, RECALL10)
 LTR_NAME = "lightgbm lambdarank (IPS)"
 IPS_NAME = "fused head (IPS weights)"
-RESULT_FORMAT = "fedrank-real-photos/2"
+PRODUCTION_NAME = "production order"
+RESULT_FORMAT = "fedrank-real-photos/3"
 REGIME_LABELS = {"half": "half: 50% of titles lose colour words", "none": "none: no title names its colour"}
 
 
@@ -280,10 +288,34 @@ def evaluate(prep: Prepared, heads: dict[str, FusedRankingHead], ranker: Any, ju
     if ranker is not None and _ltr is not None:
         hidden_scores[LTR_NAME] = _ltr.score_judged_slates(ranker, hidden_sessions, hidden, store, bm25)
     first_stage_hidden = {name: summarize(judged_metrics(s, hidden, scale)) for name, s in hidden_scores.items()}
+    # the same slates with the logs' own first stage: the simulator's production ranker (title overlap, popularity,
+    # noise), as a shop serves its new slates with the ranker that ordered its logs
+    prod_sessions = production_first_stage(sessions, catalog, market_config(len(prep.catalog.items), seed),
+                                           np.random.default_rng([seed, 7]))
+    prod = build_slates(prod_sessions, query_emb, np.array([it.price for it in judged], np.float64))
+    prod_scores = {PRODUCTION_NAME: first_stage_scores(prod_sessions, prod),
+                   **{name: score_slates(model, prod, table) for name, model in heads.items()}}
+    if ranker is not None and _ltr is not None:
+        prod_scores[LTR_NAME] = _ltr.score_judged_slates(ranker, prod_sessions, prod, store, bm25)
+    first_stage_production = {name: summarize(judged_metrics(s, prod, scale)) for name, s in prod_scores.items()}
     return {"rankers": out, "by_query_form": by_form, "first_stage_hidden": first_stage_hidden,
+            "first_stage_production": first_stage_production,
             "num_queries": len(sessions),
             "num_gendered": int(gendered.sum()), "num_judgments": len(judgments),
             "judged_with_image": int(store.mask[:, 1].sum())}
+
+
+def market_config(num_train_items: int, seed: int) -> MarketConfig:
+    """The simulator configuration :func:`simulate` ran with."""
+    return make_config(pick_preset(num_train_items), seed, intent_attributes=INTENT_ATTRIBUTES)
+
+
+def first_stage_scores(sessions: SessionLog, slates: Slates) -> np.ndarray:
+    """``[B, S]`` scores that order each slate as its first stage did (``-prod_rank``; padding NaN)."""
+    out = np.full(tuple(slates.items.shape), np.nan)
+    for b, (a, e) in enumerate(zip(sessions.offsets[:-1], sessions.offsets[1:], strict=True)):
+        out[b, : e - a] = -sessions.prod_rank[a:e].astype(np.float64)
+    return out
 
 
 def run_key(args: argparse.Namespace, seed: int, regime: str) -> dict[str, Any]:
@@ -456,15 +488,18 @@ def main(argv: list[str] | None = None) -> int:
                                                       for k, v in runs[-1]["judged"]["rankers"].items()})
     agg = aggregate(runs)
     hidden = aggregate(runs, "first_stage_hidden")
+    production = aggregate(runs, "first_stage_production")
     payload = {
         "config": {"photos": str(args.photos), "items": args.items, "seeds": args.seeds, "regimes": args.regimes,
                    "epochs": args.epochs, "train_share": TRAIN_SHARE, "slate": SLATE, "min_judged": MIN_JUDGED,
                    "intent_attributes": list(INTENT_ATTRIBUTES), "cache": str(cache),
                    "colour_words": pattern.pattern, "lightgbm": _ltr is not None,
-                   "first_stage_order": "bm25 within the slate", "subset": "uniform random",
+                   "first_stage_order": "bm25 within the slate",
+                   "first_stage_production": "the simulation's production ranker (market_slates.production_first_stage)",
+                   "subset": "uniform random",
                    "split": "item-disjoint, 70/30 within each (articleType, baseColour) stratum"},
         "photo_embedding": photos, "per_seed": runs, "aggregate": agg,
-        "aggregate_first_stage_hidden": hidden,
+        "aggregate_first_stage_hidden": hidden, "aggregate_first_stage_production": production,
         "timings": {"total_s": time.perf_counter() - t0},
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -473,6 +508,7 @@ def main(argv: list[str] | None = None) -> int:
     plot(agg, args.out / "ndcg.png")
     print(table(agg))
     print("\nthe same slates, first stage hidden (random order, no retrieval score):" + table(hidden))
+    print("\nthe same slates, first stage = the logs' production ranker:" + table(production))
     print(f"\nwrote {args.out / 'results.json'} and {args.out / 'ndcg.png'} in {time.perf_counter() - t0:.0f} s")
     return 0
 

@@ -71,16 +71,20 @@ class QueryBook:
         if brand:
             form = ch[A + 1] % 5
             phrase = f"{brand} {phrase}" if form < 3 else (f"{phrase} by {brand}" if form == 3 else f"{phrase} {brand}")
-        query = phrase.lower()
+        qid = self.add(phrase.lower())
+        self._cache[key] = qid
+        return qid
+
+    def add(self, query: str) -> int:
+        """Query id of the string ``query`` (tokenized against the catalog's titles when first seen)."""
         qid = self.ids.get(query)
         if qid is None:
             qid = len(self.queries)
             self.ids[query] = qid
             self.queries.append(query)
-            t, w = idx.query_tokens(query)
+            t, w = self.index.query_tokens(query)
             self.tok.append(t)
             self.w.append(w)
-        self._cache[key] = qid
         return qid
 
 

@@ -11,10 +11,11 @@ harvested when no session was randomized.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
+from shared_model.schema import Catalog, SessionLog
 from simulations.market_config import MarketConfig, random_streams
 from simulations.market_index import CatalogIndex
 from simulations.market_queries import Intents, QueryBook
@@ -168,3 +169,27 @@ def production_ranks(index: CatalogIndex, cfg: MarketConfig, book: QueryBook, qi
     prod_rank = np.empty(M, dtype=np.int64)
     prod_rank[porder] = np.arange(M) - slates.offsets[sid[porder]]
     return rscore, prod_rank
+
+
+def production_first_stage(sessions: SessionLog, catalog: Catalog, cfg: MarketConfig,
+                           rng: np.random.Generator) -> SessionLog:
+    """``sessions`` (candidates over ``catalog``) with the simulator's production ranker as their first stage.
+
+    Each slate's ``prod_rank`` and ``retrieval_score`` are replaced by :func:`production_ranks` of the session's
+    query string (``sessions.queries``) over ``catalog``'s titles, with ``cfg``'s weights and noise and a
+    popularity drawn as the simulator draws it for a catalog: the same kind of first stage that ordered the
+    simulated training logs, for slates the simulator never showed (judged slates). Candidates, grades and
+    everything else are unchanged. ``cfg.ranker_update_days`` is ignored (the first version serves every slate).
+    """
+    if len(sessions) and int(sessions.items.max()) >= len(catalog.items):
+        raise ValueError(f"sessions name catalog row {int(sessions.items.max())}, but {catalog.source or 'the catalog'} "
+                         f"has {len(catalog.items)} items")
+    index = CatalogIndex(catalog, replace(cfg, ranker_update_days=0.0))
+    book = QueryBook(index)
+    qid = np.array([book.add(sessions.queries[int(q)]) for q in sessions.query], dtype=np.int64)
+    lengths = np.diff(sessions.offsets).astype(np.int64)
+    slates = Slates(items=sessions.items.astype(np.int64), session=np.repeat(np.arange(len(lengths)), lengths),
+                    lengths=lengths, offsets=sessions.offsets.astype(np.int64))
+    score, rank = production_ranks(index, index.cfg, book, qid, slates, rng)
+    return replace(sessions, prod_rank=rank.astype(sessions.prod_rank.dtype),
+                   retrieval_score=score.astype(sessions.retrieval_score.dtype))
