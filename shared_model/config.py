@@ -58,6 +58,7 @@ class ModelConfig:
 
 
 DEBIAS_MODES = ("ips", "offset")
+ALIGN_POSITIVES = ("purchases", "clicks")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,9 @@ class TrainConfig:
     # ranking loss's gradient at the image projection, which then learns from the alignment alone. 0 = off.
     align_weight: float = 1.0
     align_temperature: float = 0.1
+    # the alignment's positives: "purchases" (the slate's purchased candidates; clicks when the slates being
+    # trained on hold no purchase at all) or "clicks"
+    align_positives: str = "purchases"
     local_epochs: int = 1
     batch_size: int = 32
     lr: float = 3e-3
@@ -88,6 +92,8 @@ class TrainConfig:
             raise ConfigError(f"train.debias must be one of {DEBIAS_MODES}, got {self.debias!r}")
         if self.align_weight < 0 or self.align_temperature <= 0:
             raise ConfigError("train.align-weight must be >= 0 and train.align-temperature > 0")
+        if self.align_positives not in ALIGN_POSITIVES:
+            raise ConfigError(f"train.align-positives must be one of {ALIGN_POSITIVES}, got {self.align_positives!r}")
         if self.ips_clip <= 0 or self.finetune_ips_clip <= 0:
             raise ConfigError("train.ips-clip and train.finetune-ips-clip must be > 0")
 

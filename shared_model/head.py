@@ -116,8 +116,9 @@ class FusedRankingHead(nn.Module):
         """Contrastive query-image alignment on a batch of logged slates (InfoNCE with many negatives).
 
         Each slate's query, projected as in :meth:`forward`, is scored against the projected image of *every*
-        candidate in the batch (``[B, B*S]`` cosines / ``temperature``); the slate's own clicked candidates that
-        have an image are the positives (their log-probabilities averaged), everything else is a negative: the
+        candidate in the batch (``[B, B*S]`` cosines / ``temperature``); the slate's own positive candidates
+        (``clicks > 0``: training passes purchases or clicks, ``training.align_positives``) that have an image are
+        the positives (their log-probabilities averaged), everything else is a negative: the
         other candidates of the same slate (same type, other colours: the hard ones) and all other slates'.
         Slates without a clicked image contribute nothing; with none in the batch the loss is ``0`` (and still
         connected to the parameters). Inputs as :meth:`forward` (``item_mask[..., 1]`` = has an image), plus

@@ -77,6 +77,7 @@ def train_epochs(
     n_epochs = cfg.local_epochs if epochs is None else epochs
     align = aligns_images(model, cfg)
     detached = _with_detached_image_proj(model) if align else {}
+    align_on_purchases = align and align_positives(slates, cfg) == "purchases"
     for epoch in range(n_epochs):
         for batch in iterate_batches(slates, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch):
             if batch.clicks.sum() == 0:
@@ -90,8 +91,8 @@ def train_epochs(
             loss = loss_fn(scores, labels, batch.valid, weights)
             if align:
                 loss = loss + cfg.align_weight * model.align_loss(  # type: ignore[operator]
-                    inputs["query"], inputs["item_image"], inputs["item_mask"], labels, batch.valid,
-                    cfg.align_temperature)
+                    inputs["query"], inputs["item_image"], inputs["item_mask"],
+                    batch.purchases if align_on_purchases else batch.clicks, batch.valid, cfg.align_temperature)
             if proximal_mu > 0 and global_params is not None:
                 prox = sum(((p - g) ** 2).sum() for p, g in zip(params, global_params, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
@@ -108,6 +109,19 @@ def train_epochs(
         if max_steps is not None and steps >= max_steps:
             break
     return {"train_loss": total / max(steps, 1), "num_steps": float(steps)}
+
+
+def align_positives(slates: Slates, cfg: TrainConfig) -> str:
+    """What the query-image alignment takes as a slate's positives when training on ``slates``: ``"purchases"``
+    (``cfg.align_positives``, and the slates hold at least one purchase) or ``"clicks"``.
+
+    A purchase is far cleaner evidence that the photo fits the query than a click: shoppers click candidates of
+    the right type in the wrong colour, and buy them much less often. A log without purchases (a shop that does
+    not record them, or a device that has seen none yet) falls back to clicks rather than aligning on nothing.
+    """
+    if cfg.align_positives == "purchases" and bool((slates.purchases > 0).any()):
+        return "purchases"
+    return "clicks"
 
 
 def aligns_images(model: nn.Module, cfg: TrainConfig) -> bool:

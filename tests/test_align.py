@@ -88,3 +88,53 @@ def test_aligns_images_only_for_image_heads() -> None:
         TrainConfig(align_temperature=0.0)
     with pytest.raises(ConfigError, match="align"):
         TrainConfig(align_weight=-1.0)
+
+
+def _prepared_with_purchases(tmp_path, purchases: bool):  # type: ignore[no-untyped-def]
+    from dataclasses import replace
+
+    from tests.synthetic import synthetic_prepared
+
+    prep = synthetic_prepared(tmp_path)
+    if purchases:  # every third click is a purchase
+        log = prep.log
+        clicked = np.flatnonzero(log.clicks)
+        buy = np.zeros_like(log.purchases)
+        buy[clicked[::3]] = 1
+        prep = replace(prep, log=replace(log, purchases=buy))
+    return prep
+
+
+@pytest.mark.parametrize(("purchases", "setting", "expected"), [
+    (True, "purchases", "purchases"), (False, "purchases", "clicks"), (True, "clicks", "clicks")])
+def test_align_positives_are_purchases_when_the_log_has_them(tmp_path, purchases, setting, expected) -> None:  # type: ignore[no-untyped-def]
+    from shared_model.training import align_positives, train_epochs
+
+    prep = _prepared_with_purchases(tmp_path, purchases)
+    slates = prep.slates("train")
+    cfg = TrainConfig(align_positives=setting)
+    assert align_positives(slates, cfg) == expected
+    head = build_head(ModelConfig(), seed=0)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    real = head.align_loss
+
+    def spy(query, item_image, item_mask, positives, valid, temperature=0.1):  # type: ignore[no-untyped-def]
+        seen.append((positives.clone(), item_mask.clone()))
+        return real(query, item_image, item_mask, positives, valid, temperature)
+
+    head.align_loss = spy  # type: ignore[method-assign]
+    train_epochs(head, slates, prep.table(), cfg, prep.propensity_tensor(), epochs=1, seed=0)
+    assert seen
+    got = torch.cat([p.reshape(-1) for p, _ in seen])
+    # the batches the spy saw, in order: compare with the same shuffled batches' purchases / clicks
+    from shared_model.data import iterate_batches
+
+    batches = [b for b in iterate_batches(slates, cfg.batch_size, shuffle=True, seed=0) if b.clicks.sum() > 0]
+    want = torch.cat([(b.purchases if expected == "purchases" else b.clicks).reshape(-1) for b in batches])
+    torch.testing.assert_close(got.float(), want.float())
+    assert (got > 0).sum() < torch.cat([b.clicks.reshape(-1) for b in batches]).gt(0).sum() or expected == "clicks"
+
+
+def test_align_positives_setting_is_checked() -> None:
+    with pytest.raises(ConfigError, match="align-positives"):
+        TrainConfig(align_positives="views")
