@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -9,6 +11,7 @@ from scipy.special import logsumexp
 
 from shared_model.config import ConfigError, ModelConfig, TrainConfig
 from shared_model.head import FusedRankingHead, build_head
+from shared_model.prepared import Prepared
 from shared_model.training import _with_detached_image_proj, aligns_images
 
 B, S = 3, 4
@@ -90,7 +93,7 @@ def test_aligns_images_only_for_image_heads() -> None:
         TrainConfig(align_weight=-1.0)
 
 
-def _prepared_with_purchases(tmp_path, purchases: bool):  # type: ignore[no-untyped-def]
+def _prepared_with_purchases(tmp_path: Path, purchases: bool) -> Prepared:
     from dataclasses import replace
 
     from tests.synthetic import synthetic_prepared
@@ -107,7 +110,8 @@ def _prepared_with_purchases(tmp_path, purchases: bool):  # type: ignore[no-unty
 
 @pytest.mark.parametrize(("purchases", "setting", "expected"), [
     (True, "purchases", "purchases"), (False, "purchases", "clicks"), (True, "clicks", "clicks")])
-def test_align_positives_are_purchases_when_the_log_has_them(tmp_path, purchases, setting, expected) -> None:  # type: ignore[no-untyped-def]
+def test_align_positives_are_purchases_when_the_log_has_them(tmp_path: Path, purchases: bool, setting: str,
+                                                               expected: str) -> None:
     from shared_model.training import align_positives, train_epochs
 
     prep = _prepared_with_purchases(tmp_path, purchases)
@@ -118,11 +122,12 @@ def test_align_positives_are_purchases_when_the_log_has_them(tmp_path, purchases
     seen: list[tuple[torch.Tensor, torch.Tensor]] = []
     real = head.align_loss
 
-    def spy(query, item_image, item_mask, positives, valid, temperature=0.1):  # type: ignore[no-untyped-def]
+    def spy(query: torch.Tensor, item_image: torch.Tensor, item_mask: torch.Tensor, positives: torch.Tensor,
+            valid: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
         seen.append((positives.clone(), item_mask.clone()))
         return real(query, item_image, item_mask, positives, valid, temperature)
 
-    head.align_loss = spy  # type: ignore[method-assign]
+    head.align_loss = spy  # type: ignore[method-assign,assignment]
     train_epochs(head, slates, prep.table(), cfg, prep.propensity_tensor(), epochs=1, seed=0)
     assert seen
     got = torch.cat([p.reshape(-1) for p, _ in seen])
