@@ -329,8 +329,27 @@ def run_one(items: list[CatalogItem], pattern: re.Pattern[str], args: argparse.N
             regime: str, cache: Path) -> dict[str, Any]:
     """One (seed, regime), stored in its work folder: a rerun with the same key reads it back."""
     path = args.out / "work" / f"seed{seed}-{regime}" / "result.json"
-    return stored_result(path, run_key(args, seed, regime),
-                         lambda: compute_one(items, pattern, args, seed, regime, cache))
+    res = stored_result(path, run_key(args, seed, regime),
+                        lambda: compute_one(items, pattern, args, seed, regime, cache))
+    return {**res, "colour_evidence": colour_evidence(path.parent / "data")}
+
+
+def colour_evidence(data_dir: Path) -> dict[str, Any]:
+    """How often a click, and a purchase, under a query that names a colour lands on an item of that colour, over
+    the simulated log in ``data_dir`` (the evidence the query-image alignment learns colour from)."""
+    catalog = load_catalog(data_dir / "catalog.jsonl")
+    log_ = SessionLog.load(data_dir / "sessions.npz")
+    colours = sorted({it.color.lower() for it in catalog.items if it.color}, key=len, reverse=True)
+    named = [next((c for c in colours if f" {c} " in f" {q} "), "") for q in log_.queries]  # longest colour first
+    session = np.repeat(np.arange(len(log_)), np.diff(log_.offsets))
+    wanted = np.array([named[int(q)] for q in log_.query], dtype=object)[session]
+    item_colour = np.array([it.color.lower() for it in catalog.items], dtype=object)[log_.items]
+    out: dict[str, Any] = {}
+    for kind, events in (("clicks", log_.clicks), ("purchases", log_.purchases)):
+        sel = (events > 0) & (wanted != "")
+        out[kind] = {"under_colour_queries": int(sel.sum()),
+                     "share_in_query_colour": float((item_colour[sel] == wanted[sel]).mean()) if sel.any() else None}
+    return out
 
 
 def stored_result(path: Path, key: dict[str, Any], compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -488,6 +507,12 @@ def main(argv: list[str] | None = None) -> int:
                                                       for k, v in runs[-1]["judged"]["rankers"].items()})
     agg = aggregate(runs)
     hidden = aggregate(runs, "first_stage_hidden")
+    for r in runs:
+        ev = r["colour_evidence"]
+        log.info("seed %d %s: %.1f%% of %d clicks and %.1f%% of %d purchases under colour queries are of that colour",
+                 r["seed"], r["regime"], 100 * (ev["clicks"]["share_in_query_colour"] or 0),
+                 ev["clicks"]["under_colour_queries"], 100 * (ev["purchases"]["share_in_query_colour"] or 0),
+                 ev["purchases"]["under_colour_queries"])
     production = aggregate(runs, "first_stage_production")
     payload = {
         "config": {"photos": str(args.photos), "items": args.items, "seeds": args.seeds, "regimes": args.regimes,
