@@ -53,7 +53,7 @@ import torch  # noqa: E402
 
 from shared_model.catalog_io import load_catalog, save_catalog_jsonl  # noqa: E402
 from shared_model.config import ModelConfig, TrainConfig  # noqa: E402
-from shared_model.data import ItemTable, Slates, build_slates  # noqa: E402
+from shared_model.data import ItemTable, build_slates  # noqa: E402
 from shared_model.embedding_cache import CACHE_ENV, feature_cache_dir  # noqa: E402
 from shared_model.features import FeatureStore, build_feature_store, encode_queries  # noqa: E402
 from shared_model.head import FusedRankingHead  # noqa: E402
@@ -293,7 +293,7 @@ def evaluate(prep: Prepared, heads: dict[str, FusedRankingHead], ranker: Any, ju
     prod_sessions = production_first_stage(sessions, catalog, market_config(len(prep.catalog.items), seed),
                                            np.random.default_rng([seed, 7]))
     prod = build_slates(prod_sessions, query_emb, np.array([it.price for it in judged], np.float64))
-    prod_scores = {PRODUCTION_NAME: first_stage_scores(prod_sessions, prod),
+    prod_scores = {PRODUCTION_NAME: -prod.slate_dense[..., 0].numpy(),  # its rank feature, as evaluate_all's row
                    **{name: score_slates(model, prod, table) for name, model in heads.items()}}
     if ranker is not None and _ltr is not None:
         prod_scores[LTR_NAME] = _ltr.score_judged_slates(ranker, prod_sessions, prod, store, bm25)
@@ -308,14 +308,6 @@ def evaluate(prep: Prepared, heads: dict[str, FusedRankingHead], ranker: Any, ju
 def market_config(num_train_items: int, seed: int) -> MarketConfig:
     """The simulator configuration :func:`simulate` ran with."""
     return make_config(pick_preset(num_train_items), seed, intent_attributes=INTENT_ATTRIBUTES)
-
-
-def first_stage_scores(sessions: SessionLog, slates: Slates) -> np.ndarray:
-    """``[B, S]`` scores that order each slate as its first stage did (``-prod_rank``; padding NaN)."""
-    out = np.full(tuple(slates.items.shape), np.nan)
-    for b, (a, e) in enumerate(zip(sessions.offsets[:-1], sessions.offsets[1:], strict=True)):
-        out[b, : e - a] = -sessions.prod_rank[a:e].astype(np.float64)
-    return out
 
 
 def run_key(args: argparse.Namespace, seed: int, regime: str) -> dict[str, Any]:
