@@ -42,7 +42,7 @@ Search by photo (``query_image=``): the photo is embedded by the exported image 
 where ``visual`` compares the photo's embedding with the candidate's image embedding (its video embedding if it
 has no image; -1 if it has neither): with the bundle's learnt projection (``photo_search.npz``, manifest
 ``photo_search.mode == "learnt"``) it is the cosine of the two *projected* embeddings (``(x - mean) * inv_std @
-weight``, a 1280 -> 64 map trained on the catalog's photos so that photos of the same type and colour lie close:
+weight``, a 1333 -> 64 map trained on the catalog's photos so that photos of the same type and colour lie close:
 ``shared_model.photo_search``, whose numpy ``visual_scores`` is the one definition the export's parity gate and the
 benchmark use too); without it (``--photo-search heuristic``, a catalog with too few labelled photos, or a
 bundle from before the projection existed) it is the raw cosine of the two embeddings. ``head`` is the head's score

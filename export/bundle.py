@@ -450,7 +450,7 @@ def _export_component(spec: ExportSpec, module: torch.nn.Module, trace_sample: d
             dst = work / f"{spec.component}.{prec}.candidate.onnx"  # not the fp32 export itself (quantize none)
             with _quiet_root():
                 desc = quantize_onnx(fp32, dst, onnx_prec, calibration, spec.onnx_weight_only,
-                                     spec.onnx_block_size, spec.onnx_accuracy_level)
+                                     spec.onnx_block_size, spec.onnx_accuracy_level, spec.onnx_float_scopes)
             return dst, desc, validate_onnx(dst, spec, onnx_probes, quantized=prec != "fp32")
 
         name, rec = _choose(spec, "onnx", precisions, onnx_candidate, staging)

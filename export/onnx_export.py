@@ -55,8 +55,10 @@ def export_onnx(module: torch.nn.Module, spec: ExportSpec, sample: dict[str, np.
 
 def quantize_onnx(src: Path, dst: Path, precision: str,
                   calibration: Sequence[dict[str, np.ndarray]] | None = None,
-                  weight_only: Sequence[str] = (), block_size: int = 32, accuracy_level: int | None = None) -> str:
-    """Write ``src`` at ``precision`` to ``dst``; returns a description of the method for the manifest."""
+                  weight_only: Sequence[str] = (), block_size: int = 32, accuracy_level: int | None = None,
+                  float_scopes: Sequence[str] = ()) -> str:
+    """Write ``src`` at ``precision`` to ``dst``; returns a description of the method for the manifest.
+    ``float_scopes``: under ``int8-static``, nodes whose name contains one of these keep float activations."""
     if precision == "fp32":
         shutil.copyfile(src, dst)
         return "fp32"
@@ -71,9 +73,14 @@ def quantize_onnx(src: Path, dst: Path, precision: str,
         if precision == "int8-static":
             if not calibration:
                 raise ExportError("int8-static quantisation needs calibration inputs")
+            import onnx
+
+            keep = [n.name for n in onnx.load(str(src)).graph.node if any(sc in n.name for sc in float_scopes)]
             quantize_static(src, dst, _Reader(calibration), quant_format=QuantFormat.QDQ, per_channel=True,
-                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8)
-            return f"int8 static QDQ (per-channel weights, min/max calibration on {len(calibration)} inputs)"
+                            weight_type=QuantType.QInt8, activation_type=QuantType.QUInt8,
+                            nodes_to_exclude=keep or None)
+            kept = f"; {len(keep)} nodes under {', '.join(float_scopes)} kept float" if keep else ""
+            return f"int8 static QDQ (per-channel weights, min/max calibration on {len(calibration)} inputs{kept})"
     raise ExportError(f"unknown ONNX precision {precision!r}; expected one of {ONNX_PRECISIONS}")
 
 

@@ -22,6 +22,7 @@ from client.runtime_bundle import (
     TEXT_OUTPUT,
 )
 from shared_model.head_features import (
+    BACKBONE_DIM,
     HEAD_INPUTS,
     IMAGE_DIM,
     IMAGE_SIZE,
@@ -85,6 +86,8 @@ class ExportSpec:
     onnx_weight_only: tuple[str, ...] = ()
     onnx_block_size: int = 32
     onnx_accuracy_level: int | None = None  # MatMulNBits compute: None = fp32, 4 = int8 activations per block
+    # ONNX int8-static: nodes whose name contains one of these stay float (a submodule's scope, e.g. "/colour/")
+    onnx_float_scopes: tuple[str, ...] = ()
     notes: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -138,7 +141,11 @@ def image_spec() -> ExportSpec:
         metric="cosine",
         bar=IMAGE_COSINE_BAR,
         atol_fp32=5e-3,  # pooled ReLU6 features, values up to ~6
-        notes={"preprocess": {"size": IMAGE_SIZE, "resize": "bilinear", "color": "RGB, alpha over white",
+        # the colour descriptor's histogram (shares, square roots) keeps float activations: calibrated int8 would
+        # round its small shares away; it is elementwise work on a 56x56 map, well under 1% of the trunk
+        onnx_float_scopes=("/colour/",),
+        notes={"colour_descriptor": {"dims": [BACKBONE_DIM, IMAGE_DIM]},  # output[:, 1280:1333]
+               "preprocess": {"size": IMAGE_SIZE, "resize": "bilinear", "color": "RGB, alpha over white",
                               "normalise": f"(x - {PIXEL_MEAN:g}) / {PIXEL_SCALE:g}", "layout": "NCHW"}},
     )
 

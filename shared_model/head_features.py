@@ -33,7 +33,9 @@ import numpy as np
 # ------------------------------------------------------------------------------------------ dimensions
 
 TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
-IMAGE_DIM = 1280  # EfficientNet-Lite0 pooled features
+BACKBONE_DIM = 1280  # EfficientNet-Lite0 pooled features
+COLOUR_DIM = 53  # the photo's colour descriptor beside them (encoders.ColourDescriptor)
+IMAGE_DIM = BACKBONE_DIM + COLOUR_DIM  # what the image encoder returns: [pooled features, colour descriptor]
 VIDEO_DIM = IMAGE_DIM  # frames through the image encoder + temporal mean pooling
 MODALITIES = ("text", "image", "video")  # the order of item_mask's last axis
 NUM_MODALITIES = len(MODALITIES)

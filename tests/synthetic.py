@@ -10,7 +10,7 @@ import numpy as np
 from shared_model.data import split_by_time
 from shared_model.features import FeatureStore
 from shared_model.prepared import Prepared
-from shared_model.schema import Catalog, CatalogItem, SessionLog
+from shared_model.schema import IMAGE_DIM, Catalog, CatalogItem, SessionLog
 
 
 def synthetic_prepared(tmp: Path, num_items: int = 60, num_users: int = 8, sessions_per_user: int = 6,
@@ -20,8 +20,8 @@ def synthetic_prepared(tmp: Path, num_items: int = 60, num_users: int = 8, sessi
     text /= np.linalg.norm(text, axis=1, keepdims=True)
     store = FeatureStore(
         item_ids=[f"i{k}" for k in range(num_items)], text=text,
-        image=rng.normal(size=(num_items, 1280)).astype(np.float32),
-        video=rng.normal(size=(num_items, 1280)).astype(np.float32),
+        image=rng.normal(size=(num_items, IMAGE_DIM)).astype(np.float32),
+        video=rng.normal(size=(num_items, IMAGE_DIM)).astype(np.float32),
         mask=np.c_[np.ones(num_items, bool), rng.random(num_items) < 0.8, rng.random(num_items) < 0.3],
         dense=rng.normal(size=(num_items, 4)).astype(np.float32),
     )

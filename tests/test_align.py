@@ -11,6 +11,7 @@ from scipy.special import logsumexp
 
 from shared_model.config import ConfigError, ModelConfig, TrainConfig
 from shared_model.head import FusedRankingHead, build_head
+from shared_model.head_features import IMAGE_DIM
 from shared_model.prepared import Prepared
 from shared_model.training import _with_detached_image_proj, aligns_images
 
@@ -26,7 +27,7 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
     clicks = torch.zeros(B, S)
     clicks[0, 1] = clicks[0, 2] = 1.0  # one clicked image, one clicked item without an image
     clicks[1, 0] = 1.0
-    return {"query": torch.randn(B, 384, generator=g), "item_image": torch.randn(B, S, 1280, generator=g),
+    return {"query": torch.randn(B, 384, generator=g), "item_image": torch.randn(B, S, IMAGE_DIM, generator=g),
             "item_mask": mask, "clicks": clicks, "valid": valid}
 
 
@@ -73,8 +74,8 @@ def test_ranking_gradient_stops_at_the_image_projection() -> None:
     head = build_head(ModelConfig(), seed=0).eval()  # no dropout: the two calls must agree
     b = _batch()
     inputs = {"query": b["query"], "item_text": torch.randn(B, S, 384), "item_image": b["item_image"],
-              "item_video": torch.randn(B, S, 1280), "item_mask": b["item_mask"], "dense": torch.randn(B, S, 7),
-              "user_text": torch.zeros(B, 384), "user_image": torch.zeros(B, 1280), "user_mask": torch.zeros(B, 1)}
+              "item_video": torch.randn(B, S, IMAGE_DIM), "item_mask": b["item_mask"], "dense": torch.randn(B, S, 7),
+              "user_text": torch.zeros(B, 384), "user_image": torch.zeros(B, IMAGE_DIM), "user_mask": torch.zeros(B, 1)}
     scores = functional_call(head, _with_detached_image_proj(head), args=(), kwargs=inputs)
     np.testing.assert_allclose(scores.detach().numpy(), head(**inputs).detach().numpy(), rtol=1e-6)
     scores.sum().backward()

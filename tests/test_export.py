@@ -26,7 +26,7 @@ from export.errors import ExportError, ExportValidationError
 from export.spec import HEAD_INPUTS, head_spec, image_spec, random_head_inputs, random_images, text_spec
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.head import FusedRankingHead, build_head
-from shared_model.head_features import DENSE_DIM
+from shared_model.head_features import DENSE_DIM, IMAGE_DIM
 from shared_model.training import train_epochs
 from tests.synthetic import synthetic_prepared
 
@@ -52,7 +52,7 @@ class TinyText(nn.Module):
 
 
 class TinyImage(nn.Module):
-    """Stand-in image encoder: pixels [B, 3, 224, 224] -> [B, 1280] non-negative pooled features."""
+    """Stand-in image encoder: pixels [B, 3, 224, 224] -> [B, IMAGE_DIM] non-negative pooled features."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -60,7 +60,7 @@ class TinyImage(nn.Module):
             torch.manual_seed(0)
             self.c1 = nn.Conv2d(3, 8, 4, stride=4)
             self.c2 = nn.Conv2d(8, 16, 4, stride=4)
-            self.fc = nn.Linear(16, 1280)
+            self.fc = nn.Linear(16, IMAGE_DIM)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self.c2(F.relu6(self.c1(pixels)))).mean(dim=(2, 3))
@@ -112,7 +112,7 @@ def test_manifest_describes_every_file(built: Built, manifest: dict[str, Any]) -
             assert rec["fidelity"]["bar"] > 0 and "reference" in rec["fidelity"]
             assert [t["name"] for t in rec["inputs"]] == [t.name for t in _spec(comp).inputs] if backend == "onnx" \
                 else rec["signatures"]
-    assert manifest["dims"] == {"text": 384, "image": 1280, "dense": 7}
+    assert manifest["dims"] == {"text": 384, "image": IMAGE_DIM, "dense": 7}
     assert manifest["catalog"]["item_ids"] == built[0].store.item_ids
     assert {"onnxruntime", "litert-torch", "torch"} <= set(manifest["packages"])
     for backend in ("onnx", "tflite"):
@@ -197,7 +197,7 @@ def test_image_encoder_onnx_parity_at_batch_sizes(built: Built, manifest: dict[s
     got = sess.run(None, {"pixels": pix})[0]
     with torch.no_grad():
         want = TinyImage()(torch.from_numpy(pix)).numpy()
-    assert got.shape == (batch, 1280)
+    assert got.shape == (batch, IMAGE_DIM)
     assert _cos_min(got, want) >= 0.99
 
 
@@ -287,7 +287,7 @@ def test_other_precisions(built: Built, tmp_path: Path, quantize: str, target: s
 
     prep, head, _ = built
     man = export_bundle(Sources(head, prep, TinyText(), TinyImage()), tmp_path / "b",
-                        ExportOptions(targets=(target,), quantize=quantize, image_encoder=False, max_slates=40))
+                        ExportOptions(targets=(target,), quantize=quantize, image_encoder=False, max_slates=400))
     want = {"fp16": "fp16", "none": "fp32"}[quantize]
     for comp in ("text_encoder", "head"):
         rec = man["files"][man["components"][comp]["files"][target]]
@@ -356,7 +356,7 @@ def test_share_weights_stores_each_head_weight_once(tmp_path: Path) -> None:
     x = random_head_inputs(spec, {"batch": 2, "slate": 9}, seed=3)
     want = _ort(tmp_path / "h.onnx").run(None, x)[0]
     assert share_weights(tmp_path / "h.onnx") >= 2
-    assert (tmp_path / "h.onnx").stat().st_size < before - 4 * (384 + 1280) * ModelConfig().proj_dim * 0.9
+    assert (tmp_path / "h.onnx").stat().st_size < before - 4 * (384 + IMAGE_DIM) * ModelConfig().proj_dim * 0.9
     np.testing.assert_allclose(_ort(tmp_path / "h.onnx").run(None, x)[0], want, atol=1e-5)
 
 

@@ -9,6 +9,7 @@ import torch
 
 from shared_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig
+from shared_model.head_features import IMAGE_DIM
 from shared_model.head import FusedRankingHead, build_head, count_parameters
 
 FUSIONS = ("concat", "gated", "attention")
@@ -19,12 +20,12 @@ def _inputs(B: int = 3, S: int = 7, seed: int = 0) -> dict[str, torch.Tensor]:
     return {
         "query": torch.randn(B, 384, generator=g),
         "item_text": torch.randn(B, S, 384, generator=g),
-        "item_image": torch.randn(B, S, 1280, generator=g),
-        "item_video": torch.randn(B, S, 1280, generator=g),
+        "item_image": torch.randn(B, S, IMAGE_DIM, generator=g),
+        "item_video": torch.randn(B, S, IMAGE_DIM, generator=g),
         "item_mask": torch.ones(B, S, 3),
         "dense": torch.randn(B, S, 7, generator=g),
         "user_text": torch.randn(B, 384, generator=g),
-        "user_image": torch.randn(B, 1280, generator=g),
+        "user_image": torch.randn(B, IMAGE_DIM, generator=g),
         "user_mask": torch.ones(B, 1),
     }
 
@@ -50,7 +51,7 @@ def test_masked_modality_values_change_nothing(fusion: str, modality: int) -> No
     x["item_mask"][0, 2, modality] = 0.0
     key = "item_image" if modality == 1 else "item_video"
     y = {k: v.clone() for k, v in x.items()}
-    y[key][0, 2] = torch.randn(1280) * 100.0  # garbage where the modality is absent
+    y[key][0, 2] = torch.randn(IMAGE_DIM) * 100.0  # garbage where the modality is absent
     # Execute
     a, b = model(**x), model(**y)
     # Assert: identical scores everywhere, the masked item included

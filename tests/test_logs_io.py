@@ -21,7 +21,7 @@ from shared_model.logs_io import (
     read_logs,
     write_logs,
 )
-from shared_model.schema import Catalog, CatalogItem, SessionLog
+from shared_model.schema import IMAGE_DIM, Catalog, CatalogItem, SessionLog
 from tests.synthetic import synthetic_prepared
 
 HEADER = "user_id,session_id,timestamp,query,items,clicks,purchases,prices,resorted,device"
@@ -308,5 +308,5 @@ def test_resorted_lists_are_left_out_of_the_position_bias_estimate(tmp_path: Pat
 def synthetic_store(n: int) -> Any:
     from shared_model.features import FeatureStore
 
-    return FeatureStore(item_ids=[f"p{k}" for k in range(n)], text=np.zeros((n, 384)), image=np.zeros((n, 1280)),
-                        video=np.zeros((n, 1280)), mask=np.zeros((n, 3), bool), dense=np.zeros((n, 4)))
+    return FeatureStore(item_ids=[f"p{k}" for k in range(n)], text=np.zeros((n, 384)), image=np.zeros((n, IMAGE_DIM)),
+                        video=np.zeros((n, IMAGE_DIM)), mask=np.zeros((n, 3), bool), dense=np.zeros((n, 4)))

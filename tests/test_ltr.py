@@ -16,7 +16,7 @@ from synthetic import synthetic_prepared
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import build_slates
 from shared_model.features import FeatureStore
-from shared_model.head_features import ITEM_DENSE_DIM, SLATE_DENSE_DIM
+from shared_model.head_features import IMAGE_DIM, ITEM_DENSE_DIM, SLATE_DENSE_DIM
 from shared_model.prepared import Prepared
 from shared_model.schema import SessionLog
 from shared_model.training import ranking_metrics
@@ -47,8 +47,8 @@ def hand_made() -> tuple[FeatureStore, SessionLog, np.ndarray]:
     mask = np.ones((n, 3), bool)
     mask[2, 1] = False
     mask[[1, 4], 2] = False
-    image = rng.normal(size=(n, 1280)).astype(np.float32) * mask[:, 1:2]
-    video = rng.normal(size=(n, 1280)).astype(np.float32) * mask[:, 2:3]
+    image = rng.normal(size=(n, IMAGE_DIM)).astype(np.float32) * mask[:, 1:2]
+    video = rng.normal(size=(n, IMAGE_DIM)).astype(np.float32) * mask[:, 2:3]
     store = FeatureStore(item_ids=[f"i{k}" for k in range(n)], text=rng.normal(size=(n, 384)), image=image,
                          video=video, mask=mask, dense=rng.normal(size=(n, ITEM_DENSE_DIM)))
     log = SessionLog(

@@ -44,7 +44,7 @@ from shared_model.photo_search import (
     photo_labels,
     visual_scores,
 )
-from shared_model.schema import Catalog
+from shared_model.schema import IMAGE_DIM, Catalog
 from shared_model.training import train_epochs
 from tests.synthetic import synthetic_prepared
 
@@ -186,9 +186,9 @@ def test_bad_projection_file_is_a_bundle_error_naming_the_file(data: bytes, prob
 def _labelled(prep: Any) -> tuple[FeatureStore, Catalog]:
     """The synthetic prepared data's store with planted photo embeddings, and its catalog with (category, colour)."""
     store = prep.store
-    x, labels = planted(len(store.item_ids), dim=1280, seed=6)
+    x, labels = planted(len(store.item_ids), dim=IMAGE_DIM, seed=6)
     image = store.image.copy()
-    image[:, :4] = x[:, :4]  # the head was trained on these embeddings: only 4 of 1280 dims change
+    image[:, :4] = x[:, :4]  # the head was trained on these embeddings: only 4 of IMAGE_DIM dims change
     items = [replace(it, category=lab.split("|")[0], color=lab.split("|")[1])
              for it, lab in zip(prep.catalog.items, labels, strict=True)]
     return (FeatureStore(store.item_ids, store.text, image, store.video, store.mask, store.dense,
@@ -220,7 +220,7 @@ def test_bundle_ships_the_projection_listed_with_its_sha256(bundle: Path) -> Non
     photo = man["photo_search"]
     assert photo["mode"] == "learnt" and photo["file"] == PHOTO_SEARCH and photo["dim"] == 16
     assert man["files"][PHOTO_SEARCH]["sha256"] == sha256_file(bundle / PHOTO_SEARCH)
-    assert man["files"][PHOTO_SEARCH]["bytes"] < 1280 * 16 * 2 + 16_000  # float16 weights
+    assert man["files"][PHOTO_SEARCH]["bytes"] < IMAGE_DIM * 16 * 2 + 16_000  # float16 weights
     assert photo["training"]["labels"] == ["category", "color"] and photo["training"]["photos"] > 50
     fid = photo["fidelity"]
     assert fid["queries"] > 0 and fid["kendall_tau_mean"] >= 0.95 and abs(fid["ndcg@10_delta"]) <= 0.01
@@ -233,7 +233,7 @@ def test_runtime_scores_photos_with_the_shipped_projection(bundle: Path) -> None
         weight, mean, inv_std = z["weight"].astype(np.float64), z["mean"], z["inv_std"]
     ids = rr.catalog.item_ids[:25]
     cands = CandidateRows.from_catalog(rr.catalog, ids, np.arange(25))
-    photo = np.random.default_rng(7).normal(size=1280).astype(np.float32)
+    photo = np.random.default_rng(7).normal(size=IMAGE_DIM).astype(np.float32)
     # Execute
     got = rr.visual_similarity(photo, cands)
     ranked = rr.rerank(query_image=np.random.default_rng(8).integers(0, 255, (64, 64, 3), np.uint8),
@@ -276,7 +276,7 @@ def test_bundle_without_the_projection_falls_back_to_the_raw_cosine(bundle: Path
     rr = Reranker.load(b)
     ids = rr.catalog.item_ids[:10]
     cands = CandidateRows.from_catalog(rr.catalog, ids, np.arange(10))
-    photo = np.random.default_rng(9).normal(size=1280).astype(np.float32)
+    photo = np.random.default_rng(9).normal(size=IMAGE_DIM).astype(np.float32)
     # Assert
     assert rr.photo_search is None
     np.testing.assert_allclose(rr.visual_similarity(photo, cands),

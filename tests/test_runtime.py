@@ -28,7 +28,7 @@ from client.runtime_bundle import (
     unpack_rows,
     write_manifest,
 )
-from shared_model.head_features import HISTORY_LEN
+from shared_model.head_features import HISTORY_LEN, IMAGE_DIM
 from shared_model.metrics import kendall_tau
 
 REPO = Path(__file__).resolve().parents[1]
@@ -158,7 +158,7 @@ def test_search_by_photo(built: Any, rr_onnx: Reranker, rr_tflite: Reranker, tmp
         assert [i for i, _ in by_path] == [i for i, _ in by_pil] and len(by_path) == 25
         with_text = rr.rerank("red", cands, query_image=path)
         assert sorted(i for i, _ in with_text) == sorted(cands)
-    assert rr_onnx.embed_image(np.asarray(img.resize((224, 224)))).shape == (1280,)
+    assert rr_onnx.embed_image(np.asarray(img.resize((224, 224)))).shape == (IMAGE_DIM,)
 
 
 def test_unreadable_photo_is_a_typed_error(built: Any, rr_onnx: Reranker, tmp_path: Path) -> None:
@@ -289,8 +289,8 @@ def test_catalog_packing_round_trip() -> None:
     assert q.dtype == np.int8 and s.shape == (50,) and s[3] == 0
     y = unpack_rows(q, s)
     assert np.abs(y - x).max() <= s.max() / 2 + 1e-6 and not y[3].any()
-    cat = PackedCatalog.from_float([f"i{k}" for k in range(50)], x[:, :1].repeat(384, 1), np.zeros((50, 1280)),
-                                   np.zeros((50, 1280)), np.ones((50, 3), bool), np.zeros((50, 4)), np.ones(50))
+    cat = PackedCatalog.from_float([f"i{k}" for k in range(50)], x[:, :1].repeat(384, 1), np.zeros((50, IMAGE_DIM)),
+                                   np.zeros((50, IMAGE_DIM)), np.ones((50, 3), bool), np.zeros((50, 4)), np.ones(50))
     assert "i7" in cat and cat.row("zz") is None
 
 
