@@ -376,7 +376,9 @@ class ColourDescriptor(torch.nn.Module):
     """``[B,3,224,224]`` normalised pixels -> ``[B, COLOUR_DIM]``: what colour the product in a photo is.
 
     A soft histogram over the photo's foreground pixels (product photos have a near-white background: a pixel that
-    is bright *and* grey counts as background, softly), at 56x56 (colour needs no detail):
+    is bright *and* grey counts as background, softly -- a pure-white pixel still weighs about 0.056 of a product
+    pixel, so a product covering 10% of a white photo shows a third of its mass as white), at 56x56 (colour needs
+    no detail):
 
     * 4 grey levels (black, dark grey, light grey, white) for achromatic pixels (chroma below ~0.06-0.18);
     * 12 hues x 2 values (dark / bright) x 2 chromas (pale / vivid) for chromatic ones, each pixel shared between
