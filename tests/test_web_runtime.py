@@ -183,7 +183,7 @@ def fp16_bundle() -> Path:
     out = root / "b-fp16-onnx"
     if not (out / "manifest.json").is_file():
         export_bundle(Sources(head, prep, TinyText(), TinyImage()), out,
-                      ExportOptions(targets=("onnx",), quantize="fp16", image_encoder=False, max_slates=40))
+                      ExportOptions(targets=("onnx",), quantize="fp16", image_encoder=False, max_slates=400))
     return out
 
 
