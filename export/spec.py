@@ -142,7 +142,7 @@ def image_spec() -> ExportSpec:
         bar=IMAGE_COSINE_BAR,
         atol_fp32=5e-3,  # pooled ReLU6 features, values up to ~6
         # the colour descriptor's histogram (shares, square roots) keeps float activations: calibrated int8 would
-        # round its small shares away; it is elementwise work on a 56x56 map, well under 1% of the trunk
+        # round its small shares away; it is elementwise work on a 56x56 map, about 1% of the trunk
         onnx_float_scopes=("/colour/",),
         notes={"colour_descriptor": {"dims": [BACKBONE_DIM, IMAGE_DIM]},  # output[:, 1280:1333]
                "preprocess": {"size": IMAGE_SIZE, "resize": "bilinear", "color": "RGB, alpha over white",

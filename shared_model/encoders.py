@@ -388,7 +388,7 @@ class ColourDescriptor(torch.nn.Module):
     Each bin is the share of the foreground's pixels in it, square-rooted (the Hellinger map: a cosine or a linear
     layer on the result compares distributions well), times :attr:`SCALE` so that the descriptor's norm is about
     that of the pooled CNN features it sits beside (~16 on real photos). No parameters; elementwise ops, a pool and
-    sums only, so it exports to ONNX and TFLite with the trunk and costs well under 1% of it.
+    sums only, so it exports to ONNX and TFLite with the trunk and costs about 1% of it.
     """
 
     HUES = 12
