@@ -393,6 +393,9 @@ class ColourDescriptor(torch.nn.Module):
 
     HUES = 12
     SCALE = 15.0
+    hue_cos: torch.Tensor  # buffers registered in __init__
+    hue_sin: torch.Tensor
+    grey_centres: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

@@ -59,7 +59,8 @@ def test_layout_matches_the_image_dim() -> None:
 
 @pytest.mark.parametrize("hue_deg", range(0, 360, 30))
 def test_vivid_hues_land_in_the_colorsys_hue_bin(hue_deg: int) -> None:
-    rgb = tuple(int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue_deg / 360, 1.0, 0.9))
+    r, g, b = (int(round(255 * c)) for c in colorsys.hsv_to_rgb(hue_deg / 360, 1.0, 0.9))
+    rgb = (r, g, b)
     d = _describe(_photo(rgb))[0] ** 2  # squared: the shares themselves
     # independent reference: colorsys's hue of the same pixel, binned at 30 degrees
     h, _, _ = colorsys.rgb_to_hsv(*(c / 255 for c in rgb))

@@ -9,8 +9,8 @@ import torch
 
 from shared_model.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from shared_model.config import ModelConfig
-from shared_model.head_features import IMAGE_DIM
 from shared_model.head import FusedRankingHead, build_head, count_parameters
+from shared_model.head_features import IMAGE_DIM
 
 FUSIONS = ("concat", "gated", "attention")
 
