@@ -386,13 +386,13 @@ class ColourDescriptor(torch.nn.Module):
     * the foreground's share of the photo (a white product on a white background has little foreground).
 
     Each bin is the share of the foreground's pixels in it, square-rooted (the Hellinger map: a cosine or a linear
-    layer on the result compares distributions well), times :attr:`SCALE` so that the descriptor's norm is about
-    that of the pooled CNN features it sits beside (~16 on real photos). No parameters; elementwise ops, a pool and
+    layer on the result compares distributions well), at unit scale (at most 1): the head, LightGBM's features and
+    search by photo weigh it by ``head_features.COLOUR_GAIN`` (``image_gain``), so that an int8 catalog row with one
+    scale per row keeps the pooled features' precision. No parameters; elementwise ops, a pool and
     sums only, so it exports to ONNX and TFLite with the trunk and costs about 1% of it.
     """
 
     HUES = 12
-    SCALE = 15.0
     hue_cos: torch.Tensor  # buffers registered in __init__
     hue_sin: torch.Tensor
     grey_centres: torch.Tensor
@@ -406,7 +406,7 @@ class ColourDescriptor(torch.nn.Module):
 
     @staticmethod
     def version() -> str:
-        return f"colour{COLOUR_DIM}-hue{ColourDescriptor.HUES}-pool4-sqrt-x{ColourDescriptor.SCALE:g}"
+        return f"colour{COLOUR_DIM}-hue{ColourDescriptor.HUES}-pool4-sqrt"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = ((pixels * PIXEL_SCALE + PIXEL_MEAN) / 255.0).clamp(0.0, 1.0)
@@ -433,7 +433,7 @@ class ColourDescriptor(torch.nn.Module):
         total = fg.sum(dim=1, keepdim=True)  # [B, 1]
         hist = bins.sum(dim=1) / (total + 1e-6)  # [B, 52]
         share = total / x.shape[2]
-        return torch.cat([hist.clamp(min=0.0).sqrt(), share.sqrt()], dim=1) * self.SCALE
+        return torch.cat([hist.clamp(min=0.0).sqrt(), share.sqrt()], dim=1)
 
 
 class ImageEncoder(_Frozen, _ImageAPI):

@@ -38,13 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from shared_model.config import ModelConfig
-from shared_model.head_features import NUM_MODALITIES
+from shared_model.head_features import NUM_MODALITIES, image_gain
 
 PERSONAL_PREFIX = "out."  # parameters kept on the device when model.personal-layers is on (FedPer)
 
 
 class FusedRankingHead(nn.Module):
     enabled: Tensor  # buffer registered in __init__ (which modalities this configuration may use)
+    image_weight: Tensor  # buffer: head_features.image_gain
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -53,6 +54,8 @@ class FusedRankingHead(nn.Module):
         self.query_proj = nn.Linear(cfg.text_dim, d)
         self.text_proj = nn.Linear(cfg.text_dim, d)
         self.image_proj = nn.Linear(cfg.image_dim, d)  # shared by image, video and the user's image history
+        # the colour descriptor's weight (head_features.image_gain): a constant, not a parameter
+        self.register_buffer("image_weight", torch.from_numpy(image_gain(cfg.image_dim)), persistent=False)
         self.modality_embed = nn.Parameter(torch.zeros(NUM_MODALITIES, d))
         self.norm = nn.LayerNorm(d)
         if cfg.fusion == "attention":
@@ -67,6 +70,10 @@ class FusedRankingHead(nn.Module):
         # which modalities this configuration may use at all (text is always on)
         enabled = torch.tensor([1.0, float(cfg.use_image), float(cfg.use_video)])
         self.register_buffer("enabled", enabled, persistent=False)
+
+    def _image(self, x: Tensor) -> Tensor:
+        """The image projection of image (or video) embeddings ``[..., Di]``, the colour descriptor weighed."""
+        return self.image_proj(x * self.image_weight)
 
     def forward(
         self,
@@ -84,12 +91,12 @@ class FusedRankingHead(nn.Module):
         m = item_mask * self.enabled  # [B, S, 3]
         # per-modality tokens, masked to exactly zero where absent
         t = self.text_proj(item_text)  # [B, S, d]
-        i = self.image_proj(item_image)  # [B, S, d]
-        v = self.image_proj(item_video)  # [B, S, d]
+        i = self._image(item_image)  # [B, S, d]
+        v = self._image(item_video)  # [B, S, d]
         tokens = torch.stack([t, i, v], dim=2) + self.modality_embed  # [B, S, 3, d]
         tokens = self.norm(tokens) * m.unsqueeze(-1)  # [B, S, 3, d]
         q = self.norm(self.query_proj(query))  # [B, d]
-        u = self.text_proj(user_text) + self.image_proj(user_image)  # [B, d]
+        u = self.text_proj(user_text) + self._image(user_image)  # [B, d]
         u = self.norm(u) * user_mask * float(self.cfg.use_user)  # [B, d]
         qe = q[:, None, None, :].expand(B, S, NUM_MODALITIES, -1)  # [B, S, 3, d]
         ue = u[:, None, None, :].expand(B, S, NUM_MODALITIES, -1)  # [B, S, 3, d]
@@ -126,7 +133,7 @@ class FusedRankingHead(nn.Module):
         """
         B, S = item_image.shape[0], item_image.shape[1]
         has = (item_mask[..., 1] > 0) & valid.bool()  # [B, S]
-        img = self.norm(self.image_proj(item_image) + self.modality_embed[1])  # [B, S, d] as forward's token
+        img = self.norm(self._image(item_image) + self.modality_embed[1])  # [B, S, d] as forward's token
         q = F.normalize(self.norm(self.query_proj(query)), dim=-1)  # [B, d]
         img = F.normalize(img.reshape(B * S, -1), dim=-1)  # [B*S, d]
         logits = (q @ img.T) / temperature  # [B, B*S]

@@ -36,6 +36,11 @@ TEXT_DIM = 384  # all-MiniLM-L6-v2 sentence embedding
 BACKBONE_DIM = 1280  # EfficientNet-Lite0 pooled features
 COLOUR_DIM = 53  # the photo's colour descriptor beside them (encoders.ColourDescriptor)
 IMAGE_DIM = BACKBONE_DIM + COLOUR_DIM  # what the image encoder returns: [pooled features, colour descriptor]
+# The descriptor is stored at unit scale (square-rooted shares, at most 1) so that an int8 row with one scale keeps
+# the pooled features' precision (at x15 the descriptor set the row's scale: 3.5x the features' rounding error);
+# whatever projects or compares image embeddings weighs it by COLOUR_GAIN (image_gain), which puts its norm near the
+# pooled features' (~16 on real photos).
+COLOUR_GAIN = 15.0
 VIDEO_DIM = IMAGE_DIM  # frames through the image encoder + temporal mean pooling
 MODALITIES = ("text", "image", "video")  # the order of item_mask's last axis
 NUM_MODALITIES = len(MODALITIES)
@@ -69,6 +74,16 @@ HEAD_INPUTS = (
 
 
 # ------------------------------------------------------------------------------------------- functions
+
+
+def image_gain(dim: int) -> np.ndarray:
+    """``[dim]`` float32 weights of an image embedding's entries where embeddings are projected or compared: 1 for
+    the pooled CNN features, ``COLOUR_GAIN`` for the colour descriptor (all 1 when ``dim`` is not ``IMAGE_DIM``,
+    e.g. a small test configuration)."""
+    gain = np.ones(dim, np.float32)
+    if dim == IMAGE_DIM:
+        gain[BACKBONE_DIM:] = COLOUR_GAIN
+    return gain
 
 
 def log_prices(price: np.ndarray) -> np.ndarray:

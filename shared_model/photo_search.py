@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 
+from shared_model.head_features import image_gain
+
 log = logging.getLogger(__name__)
 
 FILE_VERSION = 1
@@ -148,9 +150,12 @@ class PhotoProjection:
 
 
 def cosine(photo: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Raw cosine of ``photo [Di]`` and each row of ``refs [S, Di]``: ``[S]`` float64 (today's heuristic)."""
-    photo = np.asarray(photo, np.float64)
-    refs = np.asarray(refs, np.float64)
+    """Raw cosine of ``photo [Di]`` and each row of ``refs [S, Di]``: ``[S]`` float64 (today's heuristic), with the
+    colour descriptor weighed by ``head_features.image_gain``."""
+    photo = np.asarray(photo, np.float64).reshape(-1)
+    gain = image_gain(photo.shape[0]).astype(np.float64)
+    photo = photo * gain
+    refs = np.asarray(refs, np.float64) * gain
     denom = np.linalg.norm(refs, axis=1) * (np.linalg.norm(photo) + 1e-12) + 1e-12
     return refs @ photo / denom
 
@@ -253,6 +258,8 @@ def fit_projection(x: np.ndarray, labels: Sequence[Hashable], cfg: PhotoSearchCo
     x = np.asarray(x, np.float32)
     if x.ndim != 2 or len(x) != len(labels):
         raise PhotoSearchError(f"embeddings of shape {x.shape} for {len(labels)} labels: expected [N, Di], N labels")
+    gain = image_gain(x.shape[1])  # the colour descriptor weighed as the head weighs it; folded into mean/inv_std
+    x = x * gain
     if not np.isfinite(x).all():
         raise PhotoSearchError("image embeddings hold NaN or infinite values")
     counts = check_labels(labels, cfg)
@@ -310,7 +317,8 @@ def fit_projection(x: np.ndarray, labels: Sequence[Hashable], cfg: PhotoSearchCo
             "held_out_curve": [[s, round(m, 5)] for s, m in curve], "seconds": round(time.perf_counter() - t0, 2)}
     log.info("photo search: %d photos, %d groups; held-out mAP %.4f learnt vs %.4f raw cosine (%d steps, %.1f s)",
              len(x), counts["groups"], best_map, raw_map, best_step, info["seconds"])
-    return PhotoProjection(mean, inv_std, weight, cfg.raw_weight, info)
+    # (x * gain - mean) * inv_std == (x - mean / gain) * (inv_std * gain): the file takes unweighed embeddings
+    return PhotoProjection(mean / gain, inv_std * gain, weight, cfg.raw_weight, info)
 
 
 def fit_from_catalog(item_ids: Sequence[str], image: np.ndarray, has_image: np.ndarray, catalog: Any,

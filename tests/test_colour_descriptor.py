@@ -1,5 +1,6 @@
 """The image encoder's colour descriptor: which bin a product's colour lands in (against colorsys), background
-handling, scale invariance, and that the exported image encoder computes it as torch does."""
+handling, scale invariance, that the exported image encoder computes it as torch does, and its weight
+(``image_gain``) where embeddings are projected or compared while int8 rows keep the CNN features' precision."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from PIL import Image
 
 from shared_model.encoders import ColourDescriptor, ImageEncoder, _ImageAPI
-from shared_model.head_features import BACKBONE_DIM, COLOUR_DIM, IMAGE_DIM
+from shared_model.head_features import BACKBONE_DIM, COLOUR_DIM, COLOUR_GAIN, IMAGE_DIM, image_gain
 
 GREYS = 4  # the descriptor's layout: 4 grey levels, then 12 hues x 4 tones (dark/bright x pale/vivid), then share
 TONES = 4
@@ -37,7 +38,7 @@ def _area(frac: float, size: int = 224) -> float:
 
 
 def _describe(*images: Image.Image) -> np.ndarray:
-    return ColourDescriptor()(_ImageAPI.preprocess(list(images))).numpy() / ColourDescriptor.SCALE
+    return ColourDescriptor()(_ImageAPI.preprocess(list(images))).numpy()
 
 
 def _leak_share(frac: float) -> float:
@@ -121,3 +122,75 @@ def test_onnx_export_keeps_the_descriptor() -> None:
     onnx_enc = OnnxImageEncoder(enc)
     x = _ImageAPI.preprocess([_photo((250, 200, 20)), _photo((10, 10, 10), frac=0.2)])
     np.testing.assert_allclose(onnx_enc._embed(x)[:, BACKBONE_DIM:], enc._embed(x)[:, BACKBONE_DIM:], atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ the descriptor's weight
+
+
+def _rows(n: int, seed: int) -> np.ndarray:
+    """Image embeddings shaped like real ones: pooled ReLU6 features (max ~3.6) and a unit-scale descriptor."""
+    rng = np.random.default_rng(seed)
+    eff = np.clip(rng.gamma(0.6, 0.5, size=(n, BACKBONE_DIM)), 0, 6).astype(np.float32)
+    shares = rng.dirichlet(np.full(COLOUR_DIM - 1, 0.1), size=n)
+    return np.c_[eff, np.sqrt(shares), rng.random((n, 1))].astype(np.float32)
+
+
+def test_image_gain_weighs_only_the_descriptor() -> None:
+    g = image_gain(IMAGE_DIM)
+    assert (g[:BACKBONE_DIM] == 1).all() and (g[BACKBONE_DIM:] == COLOUR_GAIN).all()
+    assert (image_gain(16) == 1).all()  # other widths (small test heads) are left alone
+
+
+def test_head_projects_the_weighed_embedding() -> None:
+    from shared_model.config import ModelConfig
+    from shared_model.head import build_head
+
+    head = build_head(ModelConfig(), seed=3)
+    x = _rows(6, 1).reshape(2, 3, IMAGE_DIM)
+    w, b = head.image_proj.weight.detach().numpy(), head.image_proj.bias.detach().numpy()
+    want = (x.astype(np.float64) * image_gain(IMAGE_DIM)) @ w.T.astype(np.float64) + b  # numpy reference
+    with torch.no_grad():
+        got = head._image(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_raw_photo_cosine_weighs_the_descriptor() -> None:
+    from sklearn.metrics.pairwise import cosine_similarity
+
+    from shared_model.photo_search import cosine
+
+    x = _rows(5, 2)
+    g = image_gain(IMAGE_DIM)
+    xg = x.astype(np.float64) * g
+    np.testing.assert_allclose(cosine(x[0], x[1:]), cosine_similarity(xg[:1], xg[1:])[0], atol=1e-9)
+
+
+def test_photo_projection_takes_unweighed_embeddings() -> None:
+    from shared_model.photo_search import PhotoSearchConfig, fit_projection
+
+    x = _rows(120, 3)
+    labels = [k % 6 for k in range(len(x))]
+    proj = fit_projection(x, labels, PhotoSearchConfig(steps=25, eval_every=25, seed=0))
+    xg = x.astype(np.float64) * image_gain(IMAGE_DIM)
+    std = xg.std(0)
+    z = (xg - xg.mean(0)) / np.maximum(std, 1e-2 * std.mean() + 1e-8)  # standardised as fitted, weighed first
+    h = z @ proj.weight.astype(np.float64)
+    want = h / np.linalg.norm(h, axis=1, keepdims=True)
+    np.testing.assert_allclose(proj.project(x), want, atol=2e-3)
+
+
+def test_int8_rows_keep_the_cnn_features_precision() -> None:
+    from client.runtime_bundle import pack_rows, unpack_rows
+
+    x = _rows(200, 4)
+    eff = x[:, :BACKBONE_DIM]
+
+    def err(rows: np.ndarray) -> float:
+        q, s = pack_rows(rows)
+        y = unpack_rows(q, s)[:, :BACKBONE_DIM]
+        return float(np.median(np.linalg.norm(y - eff, axis=1) / np.linalg.norm(eff, axis=1)))
+
+    alone = err(eff)
+    assert err(x) <= 1.05 * alone  # the unit-scale descriptor does not coarsen the row's scale
+    weighed = x * image_gain(IMAGE_DIM)  # stored at x15 it would: the reason the weight lives in the consumers
+    assert err(weighed) > 2.0 * alone
