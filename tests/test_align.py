@@ -11,7 +11,7 @@ from scipy.special import logsumexp
 
 from shared_model.config import ConfigError, ModelConfig, TrainConfig
 from shared_model.head import FusedRankingHead, build_head
-from shared_model.head_features import IMAGE_DIM
+from shared_model.head_features import IMAGE_DIM, image_gain
 from shared_model.prepared import Prepared
 from shared_model.training import _with_detached_image_proj, aligns_images
 
@@ -34,7 +34,8 @@ def _batch(seed: int = 0) -> dict[str, torch.Tensor]:
 def _reference(head: FusedRankingHead, b: dict[str, torch.Tensor], tau: float) -> float:
     """The same InfoNCE in numpy from the head's own projections."""
     with torch.no_grad():
-        img = head.norm(head.image_proj(b["item_image"]) + head.modality_embed[1]).numpy().reshape(B * S, -1)
+        weighed = b["item_image"] * torch.from_numpy(image_gain(IMAGE_DIM))  # the colour descriptor x COLOUR_GAIN
+        img = head.norm(head.image_proj(weighed) + head.modality_embed[1]).numpy().reshape(B * S, -1)
         q = head.norm(head.query_proj(b["query"])).numpy()
     img /= np.linalg.norm(img, axis=1, keepdims=True)
     q /= np.linalg.norm(q, axis=1, keepdims=True)

@@ -16,7 +16,7 @@ from synthetic import synthetic_prepared
 from shared_model.config import ModelConfig, TrainConfig
 from shared_model.data import build_slates
 from shared_model.features import FeatureStore
-from shared_model.head_features import IMAGE_DIM, ITEM_DENSE_DIM, SLATE_DENSE_DIM
+from shared_model.head_features import IMAGE_DIM, ITEM_DENSE_DIM, SLATE_DENSE_DIM, image_gain
 from shared_model.prepared import Prepared
 from shared_model.schema import SessionLog
 from shared_model.training import ranking_metrics
@@ -81,8 +81,10 @@ def test_features_match_numpy_and_sklearn_on_a_hand_made_padded_slate() -> None:
     col = {name: x[..., k] for k, name in enumerate(names)}
     assert x.shape == (2, 5, len(names)) and x.dtype == np.float32
     np.testing.assert_array_equal(x[0, 3:], 0.0)  # padding
-    img_ref = PCA(2, svd_solver="full").fit(store.image[store.mask[:, 1]])
-    vid_ref = PCA(1, svd_solver="full").fit(store.video[store.mask[:, 2]])
+    image = store.image * image_gain(IMAGE_DIM)  # the colour descriptor weighed as the head weighs it
+    video = store.video * image_gain(IMAGE_DIM)
+    img_ref = PCA(2, svd_solver="full").fit(image[store.mask[:, 1]])
+    vid_ref = PCA(1, svd_solver="full").fit(video[store.mask[:, 2]])
     for s, sl in enumerate((slice(0, 3), slice(3, 8))):
         rows = log.items[sl]
         q = log.queries[s]
@@ -92,9 +94,9 @@ def test_features_match_numpy_and_sklearn_on_a_hand_made_padded_slate() -> None:
             np.testing.assert_allclose(x[s, j, 2:2 + ITEM_DENSE_DIM], store.dense[r], rtol=1e-6)
             assert col["has_image"][s, j] == store.mask[r, 1] and col["has_video"][s, j] == store.mask[r, 2]
             pc = [col[f"image_pc{k}"][s, j] for k in range(2)]
-            ref = img_ref.transform(store.image[r:r + 1])[0] if store.mask[r, 1] else np.zeros(2)
+            ref = img_ref.transform(image[r:r + 1])[0] if store.mask[r, 1] else np.zeros(2)
             np.testing.assert_allclose(np.abs(pc), np.abs(ref), rtol=1e-4, atol=1e-4)  # PCA up to sign
-            vref = vid_ref.transform(store.video[r:r + 1])[0] if store.mask[r, 2] else np.zeros(1)
+            vref = vid_ref.transform(video[r:r + 1])[0] if store.mask[r, 2] else np.zeros(1)
             np.testing.assert_allclose(np.abs(col["video_pc0"][s, j]), np.abs(vref[0]), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(x[s, : len(rows), 2 + ITEM_DENSE_DIM:2 + ITEM_DENSE_DIM + SLATE_DENSE_DIM],
                                    slates.slate_dense[s, : len(rows)].numpy(), rtol=1e-6)
