@@ -23,6 +23,7 @@ from client.runtime_bundle import (
 )
 from shared_model.head_features import (
     BACKBONE_DIM,
+    COLOUR_DIM,
     HEAD_INPUTS,
     IMAGE_DIM,
     IMAGE_SIZE,
@@ -179,8 +180,9 @@ def head_spec(dense_dim: int, slates: tuple[int, ...] = HEAD_SIGNATURE_SLATES) -
 
 
 def random_head_inputs(spec: ExportSpec, sizes: Mapping[str, int], seed: int = 0) -> dict[str, np.ndarray]:
-    """Plausible random head inputs: unit-norm text, non-negative image features, random masks with the last
-    candidates of each slate padded (mask 0), as the runtime pads a short slate."""
+    """Plausible random head inputs: unit-norm text, non-negative image features (and a colour descriptor of
+    square-rooted shares), random masks with the last candidates of each slate padded (mask 0), as the runtime pads
+    a short slate."""
     rng = np.random.default_rng(seed)
     out: dict[str, np.ndarray] = {}
     for t in spec.inputs:
@@ -190,6 +192,9 @@ def random_head_inputs(spec: ExportSpec, sizes: Mapping[str, int], seed: int = 0
             x /= np.linalg.norm(x, axis=-1, keepdims=True)
         elif t.name in ("item_image", "item_video", "user_image"):
             x = np.clip(rng.gamma(0.6, 0.5, size=shape), 0.0, 6.0)
+            if shape[-1] == IMAGE_DIM:  # the colour descriptor: square roots of shares (sum of squares 1), a share
+                bins = rng.dirichlet(np.full(COLOUR_DIM - 1, 0.1), size=shape[:-1])
+                x[..., BACKBONE_DIM:] = np.concatenate([np.sqrt(bins), rng.random((*shape[:-1], 1))], -1)
         elif t.name == "item_mask":
             x = np.stack([np.ones(shape[:-1]), rng.random(shape[:-1]) < 0.8, rng.random(shape[:-1]) < 0.3], -1)
         elif t.name == "user_mask":
