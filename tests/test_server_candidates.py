@@ -243,7 +243,7 @@ def test_pipeline_check_through_requests_equals_the_catalog_check(built: Any, bu
     # the feature store packed in memory (how an export with --no-catalog validates)
     prep, head, _ = built
     tok = load_tokenizer(bundle / "tokenizer.json")
-    held = held_out(prep, prep.store, TinyText(), head, tok, 40, 64, 0)
+    held = held_out(prep, prep.store, TinyText(), head, tok, 400, 64, 0)  # every held-out slate (160)
     # Execute
     via_catalog = pipeline_fidelity(bundle, "onnx", held)
     via_requests = pipeline_fidelity(bundle, "onnx", held, packed_catalog(prep.store, prep.catalog))
