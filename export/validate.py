@@ -26,7 +26,7 @@ import torch
 
 from export.errors import ExportValidationError
 from export.spec import ExportSpec
-from shared_model.head_features import image_gain
+from shared_model.head_features import weigh_image
 from shared_model.metrics import kendall_tau, ndcg_at_k
 
 Feeds = dict[str, np.ndarray]
@@ -296,9 +296,9 @@ def photo_probes(store: Any, rows: np.ndarray, labels: Sequence[str], projection
         with torch.inference_mode():
             ref = (project(x_c) @ project(x_q[None])[0]).double().numpy()
             if projection.raw_weight:
-                g = image_gain(x_q.shape[-1])  # the raw cosine weighs the colour descriptor as the runtime does
-                ref = ref + projection.raw_weight * torch.nn.functional.cosine_similarity(
-                    torch.from_numpy(x_c * g), torch.from_numpy(x_q * g)[None], dim=-1).double().numpy()
+                ref = ref + projection.raw_weight * torch.nn.functional.cosine_similarity(  # weighed as the runtime
+                    torch.from_numpy(weigh_image(x_c)), torch.from_numpy(weigh_image(x_q))[None], dim=-1
+                ).double().numpy()
         photos.append(x_q)
         cands.append([store.item_ids[rows[i]] for i in pick])
         grades.append([3.0 if lab[i] == lab[q] else 1.0 if cat[i] == cat[q] else 0.0 for i in pick])

@@ -86,6 +86,13 @@ def image_gain(dim: int) -> np.ndarray:
     return gain
 
 
+def weigh_image(x: np.ndarray) -> np.ndarray:
+    """Image (or video) embeddings ``[..., Di]`` times :func:`image_gain` (float32 in, float32 out; float64 stays
+    float64): what the head's image projection, LightGBM's image features and search by photo's cosine see."""
+    x = np.asarray(x)
+    return x * image_gain(x.shape[-1]).astype(np.result_type(x.dtype, np.float32))
+
+
 def log_prices(price: np.ndarray) -> np.ndarray:
     """``[N]`` float64 ``log1p(price)`` of raw prices ``[N]``; a missing price (NaN) counts as 0."""
     return np.log1p(np.nan_to_num(np.asarray(price, dtype=np.float64), nan=0.0))

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from shared_model.head_features import image_gain
+from shared_model.head_features import image_gain, weigh_image
 
 log = logging.getLogger(__name__)
 
@@ -152,10 +152,8 @@ class PhotoProjection:
 def cosine(photo: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """Raw cosine of ``photo [Di]`` and each row of ``refs [S, Di]``: ``[S]`` float64 (today's heuristic), with the
     colour descriptor weighed by ``head_features.image_gain``."""
-    photo = np.asarray(photo, np.float64).reshape(-1)
-    gain = image_gain(photo.shape[0]).astype(np.float64)
-    photo = photo * gain
-    refs = np.asarray(refs, np.float64) * gain
+    photo = weigh_image(np.asarray(photo, np.float64).reshape(-1))
+    refs = weigh_image(np.asarray(refs, np.float64))
     denom = np.linalg.norm(refs, axis=1) * (np.linalg.norm(photo) + 1e-12) + 1e-12
     return refs @ photo / denom
 

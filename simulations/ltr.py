@@ -60,8 +60,8 @@ from shared_model.head_features import (
     ITEM_DENSE_NAMES,
     SLATE_DENSE_NAMES,
     head_dense,
-    image_gain,
     user_context,
+    weigh_image,
 )
 from shared_model.losses import ips_weights
 from shared_model.metrics import ndcg_at_k
@@ -154,21 +154,16 @@ class ItemProjection:
         rows = np.unique(rows)
         img = rows[store.mask[rows, 1]]
         vid = rows[store.mask[rows, 2]]
-        im, ib = _pca(_weighed(store.image[img]), cfg.image_components)
-        vm, vb = _pca(_weighed(store.video[vid]), cfg.video_components)
+        im, ib = _pca(weigh_image(store.image[img]), cfg.image_components)
+        vm, vb = _pca(weigh_image(store.video[vid]), cfg.video_components)
         return cls(im, ib, vm, vb)
 
     def transform(self, store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
         """Per catalog row: image [num_items, Ki] and video [num_items, Kv] components (0 without the modality)."""
-        img = (_weighed(store.image).astype(np.float64) - self.image_mean) @ self.image_basis.T
-        vid = (_weighed(store.video).astype(np.float64) - self.video_mean) @ self.video_basis.T
+        img = (weigh_image(store.image).astype(np.float64) - self.image_mean) @ self.image_basis.T
+        vid = (weigh_image(store.video).astype(np.float64) - self.video_mean) @ self.video_basis.T
         return (np.where(store.mask[:, 1:2], img, 0.0).astype(np.float32),
                 np.where(store.mask[:, 2:3], vid, 0.0).astype(np.float32))
-
-
-def _weighed(x: np.ndarray) -> np.ndarray:
-    """Image (or video) embeddings ``[..., Di]`` with the colour descriptor weighed as the head weighs it."""
-    return np.asarray(x, np.float32) * image_gain(x.shape[-1])
 
 
 CHUNK = 256  # slates per block when gathering embeddings (a [CHUNK, S, D] block, never [N, S, D])
@@ -208,7 +203,7 @@ def candidate_features(slates: Slates, queries: Sequence[str], store: FeatureSto
     mask = store.mask[items].astype(np.float32)  # [N, S, 3]
     ui, uv = slates.user_items.numpy(), slates.user_valid.numpy()  # [N, H]
     u_text = np.zeros(q.shape, np.float32)  # [N, Dt]
-    image = _weighed(store.image)  # [M, Di]
+    image = weigh_image(store.image)  # [M, Di]
     u_image = np.zeros((len(items), image.shape[1]), np.float32)  # [N, Di]
     u_mask = np.zeros((len(items), 1), np.float32)  # [N, 1]
     for lo in range(0, len(items), CHUNK):
